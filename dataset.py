@@ -1,0 +1,230 @@
+"""Data: ImageFolder train/val sets, per-sample deterministic augmentation, loaders, the digits demo.
+
+Every random choice for training sample `i` in epoch `e` comes from a generator seeded by
+(seed, e, i), so augmentation does not depend on the number of workers or processes, or on
+whether the run was restarted. Images leave the workers as uint8 tensors; normalisation happens
+on the training device (`normalize`), which keeps worker output and host-to-device copies 4x
+smaller than float32.
+"""
+import math
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3 / 4, 4 / 3)
+EVAL_RESIZE_FRACTION = 0.875  # resize to size/0.875, then center-crop: the torchvision recipe
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+def class_folders(root, role):
+    """The sorted class sub-folder names of an ImageFolder root, with clear errors."""
+    if not os.path.exists(root):
+        raise DataError(f"{role} folder not found: {root} (pass --{role}_dir PATH, or --demo)")
+    if not os.path.isdir(root):
+        raise DataError(f"{role} folder is not a directory: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{role} folder {root} has no class sub-folders; expected "
+                        f"{root}/<class_name>/<image files>")
+    return classes
+
+
+def check_data_folders(train_dir, val_dir):
+    """Class names from the train folder; val must hold exactly the same classes."""
+    train_classes = class_folders(train_dir, "train")
+    val_classes = class_folders(val_dir, "val")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
+                        f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
+    return train_classes
+
+
+def sample_seed(seed, epoch, index):
+    """One integer per (seed, epoch, sample): the only source of a sample's augmentation randomness."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
+
+
+def random_resized_crop_box(width, height, scale, rng):
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng` (a random.Random).
+
+    Returns (left, top, crop_width, crop_height) in source-image pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height  # fallback: the largest central crop within the ratio range
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def open_rgb(path, min_size=None):
+    """Decode an image as RGB. With `min_size` (w, h), JPEGs decode at a reduced scale
+    (libjpeg DCT scaling via PIL's draft mode) that is still at least that large."""
+    with Image.open(path) as img:
+        if min_size is not None and img.format == "JPEG":
+            img.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))
+        return img.convert("RGB")
+
+
+class AugmentedImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder returning (uint8 CHW tensor, label).
+
+    Training items are addressed by (epoch, index) and get a random resized crop and a
+    horizontal flip drawn from `sample_seed(seed, epoch, index)`; eval items by index and get
+    resize + center crop.
+    """
+
+    def __init__(self, root, image_size, train, seed=0, min_crop_scale=0.08, hflip_prob=0.5,
+                 fast_decode=True):
+        super().__init__(root)
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.crop_scale = (min_crop_scale, 1.0)
+        self.hflip_prob = hflip_prob
+        self.fast_decode = fast_decode
+
+    def __getitem__(self, key):
+        epoch, index = key if self.train else (None, key)
+        path, label = self.samples[index]
+        image = self.load_train(path, epoch, index) if self.train else self.load_eval(path)
+        return TF.pil_to_tensor(image), label
+
+    def load_train(self, path, epoch, index):
+        rng = random.Random(sample_seed(self.seed, epoch, index))
+        with Image.open(path) as header:
+            width, height = header.size
+        left, top, w, h = random_resized_crop_box(width, height, self.crop_scale, rng)
+        flip = rng.random() < self.hflip_prob
+        size = self.image_size
+        # Decode only as many pixels as the crop needs at the output size.
+        min_size = (width * size / w, height * size / h) if self.fast_decode else None
+        image = open_rgb(path, min_size)
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        image = image.resize((size, size), Image.BILINEAR, box=box)
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+
+    def load_eval(self, path):
+        resize = int(round(self.image_size / EVAL_RESIZE_FRACTION))
+        with Image.open(path) as header:
+            width, height = header.size
+        short = min(width, height)
+        min_size = (width * resize / short, height * resize / short) if self.fast_decode else None
+        image = open_rgb(path, min_size)
+        image = TF.resize(image, resize, interpolation=InterpolationMode.BILINEAR)
+        return TF.center_crop(image, self.image_size)
+
+
+class EpochTaggedSampler(DistributedSampler):
+    """DistributedSampler yielding (epoch, index), so a worker knows which epoch it augments for.
+
+    `set_epoch(epoch, start=k)` skips this rank's first k samples of the epoch (mid-epoch resume)
+    without loading them.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return ((self.epoch, i) for i in indices)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def build_datasets(args):
+    class_names = check_data_folders(args.train_dir, args.val_dir)
+    try:
+        train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
+                                         min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob)
+        val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False)
+    except FileNotFoundError as exc:  # ImageFolder: a class folder with no image files
+        raise DataError(f"{exc} (supported extensions: {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})") from None
+    return train_set, val_set, class_names
+
+
+def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
+    """Train loader over a DistributedSampler; val loader over this rank's unpadded shard."""
+    sampler = EpochTaggedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed)
+    if sampler.num_samples < batch_size:
+        raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per "
+                        f"process: fewer than --batch_size {batch_size}; lower --batch_size")
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    # drop_last: a last batch of one sample would break batch norm at small spatial sizes.
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **common)
+    # Unpadded shard: every val image is evaluated exactly once across ranks.
+    val_indices = list(range(rank, len(val_set), world_size))
+    val_loader = DataLoader(Subset(val_set, val_indices), shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def normalize(images_uint8, dtype=torch.float32):
+    """uint8 NCHW -> normalised float, on whichever device the batch already is."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images_uint8.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images_uint8.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return (images_uint8.to(dtype) - mean) / std
+
+
+def prepare_digits_demo(root, val_fraction=0.2):
+    """Write scikit-learn's UCI digits (1,797 8x8 images, 10 classes) as an ImageFolder tree of
+    PNGs under root/{train,val}/<digit>/, once. A deterministic stratified split; written to a
+    temporary folder and renamed, so concurrent ranks never see a half-written tree."""
+    if os.path.isdir(os.path.join(root, "val")):
+        return os.path.join(root, "train"), os.path.join(root, "val")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".digits-", dir=parent)
+    rng = np.random.RandomState(0)
+    for label in range(10):
+        indices = np.flatnonzero(digits.target == label)
+        rng.shuffle(indices)
+        n_val = int(round(len(indices) * val_fraction))
+        for split, chosen in (("val", indices[:n_val]), ("train", indices[n_val:])):
+            folder = os.path.join(staging, split, str(label))
+            os.makedirs(folder)
+            for i in chosen:
+                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
+    try:
+        os.rename(staging, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(root, "train"), os.path.join(root, "val")

@@ -1,0 +1,128 @@
+"""Models: the seeds' ResNet18Animals90 and a builder for any torchvision classifier.
+
+`ResNet18Animals90` subclasses torchvision's ResNet, so its state dict has torchvision's plain
+key names (`conv1.weight`, ..., `fc.weight`) and the seeds' loading snippet works verbatim.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock, ResNet
+
+# The file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads into torch.hub's cache.
+RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name, missing or mismatched weights)."""
+
+
+def load_weights_file(path):
+    """Load a local state-dict file safely (weights_only) with a clear error if it is unusable."""
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load weights file {path}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return strip_wrapper_prefixes(state)
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
+    def clean(key):
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        return key
+    return {clean(k): v for k, v in state_dict.items()}
+
+
+def find_imagenet_resnet18_weights(weights_path=None):
+    """A local ImageNet ResNet-18 weights file: the given path, else torch.hub's cache, else None."""
+    if weights_path:
+        return weights_path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_IMAGENET_FILE)
+    return cached if os.path.isfile(cached) else None
+
+
+class ResNet18Animals90(ResNet):
+    """torchvision ResNet-18 with a `num_classes`-way head.
+
+    `pretrained=True` loads ImageNet weights from `weights_path` or torch.hub's cache; it never
+    downloads, so it cannot hang on a machine without network access.
+    """
+
+    def __init__(self, num_classes=90, pretrained=False, weights_path=None):
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+        if pretrained:
+            path = find_imagenet_resnet18_weights(weights_path)
+            if path is None:
+                raise ModelError(
+                    "pretrained=True needs ImageNet ResNet-18 weights, and none were found "
+                    f"locally; download {RESNET18_IMAGENET_FILE} on a connected machine and pass "
+                    f"its path (--pretrained_weights PATH), or put it in "
+                    f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+            load_backbone_weights(self, load_weights_file(path), path)
+        self.fc = nn.Linear(self.fc.in_features, num_classes)
+
+
+class TinyCNN(nn.Module):
+    """Two conv layers, no batch norm: exact gradient-equivalence tests and per-step benchmarks."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def load_backbone_weights(model, state_dict, source):
+    """Load pretrained weights except the classification head, which the caller replaces."""
+    head = {k for k, v in model.state_dict().items() if k in state_dict and v.shape != state_dict[k].shape}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in state_dict.items() if k not in head}, strict=False)
+    if unexpected or [k for k in missing if k not in head]:
+        raise ModelError(f"weights in {source} do not fit this model "
+                         f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
+
+
+def replace_head(model, num_classes):
+    """Swap the last nn.Linear of a torchvision classifier for a `num_classes`-way one."""
+    parent, name, last = None, None, None
+    for module_name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                parent, name, last = module, child_name, child
+    if last is None:
+        raise ModelError(f"{type(model).__name__} has no linear head to replace")
+    setattr(parent, name, nn.Linear(last.in_features, num_classes))
+
+
+def available_models():
+    return ["tiny_cnn"] + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(name, num_classes, pretrained_weights=None):
+    """The model train_ddp.py trains: `resnet18` is ResNet18Animals90, others come from torchvision."""
+    if name == "resnet18":
+        model = ResNet18Animals90(num_classes=num_classes, pretrained=False)
+    elif name == "tiny_cnn":
+        model = TinyCNN(num_classes=num_classes)
+    elif name in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(name)
+        replace_head(model, num_classes)
+    else:
+        raise ModelError(f"unknown model '{name}'; choose one of: {', '.join(available_models())}")
+    if pretrained_weights:
+        load_backbone_weights(model, load_weights_file(pretrained_weights), pretrained_weights)
+    return model

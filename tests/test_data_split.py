@@ -1,0 +1,269 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_split import split_files  # noqa: E402
+
+
+def write_png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (2, 2), color=(255, 0, 0)).save(path, format="PNG")
+
+
+def make_dataset(root, counts):
+    """counts: {class: number of .png images}."""
+    for class_name, n in counts.items():
+        (root / class_name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            write_png(root / class_name / f"img_{i:03d}.png")
+    return root
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "data_split.py", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def listing(split_dir):
+    """{class: sorted relative file paths} for one output split folder."""
+    if not split_dir.is_dir():
+        return {}
+    return {c.name: sorted(p.relative_to(c).as_posix() for p in c.rglob("*") if not p.is_dir())
+            for c in sorted(split_dir.iterdir())}
+
+
+def base_args(inp, out, *extra):
+    return ["--input_dir", inp, "--output_dir", out, "--train_ratio", "0.8",
+            "--val_ratio", "0.2", "--image_extensions", "png,jpg,jpeg", *extra]
+
+
+# ---------------------------------------------------------------- split_files
+
+def fake_files(counts):
+    return {c: [f"{c}_{i}.png" for i in range(n)] for c, n in counts.items()}
+
+
+def test_split_files_counts_and_partition():
+    files = fake_files({"a": 10, "b": 7, "c": 2, "d": 1, "e": 20})
+    splits = split_files(files, 0.7, 0.2, 0.1, seed=0)
+    assert set(splits) == {"train", "val", "test"}
+    # half-up rounding; tiny class "c" still gets a val image; "d" cannot.
+    expected = {"a": (7, 2, 1), "b": (5, 1, 1), "c": (1, 1, 0), "d": (1, 0, 0),
+                "e": (14, 4, 2)}
+    for c, (n_train, n_val, n_test) in expected.items():
+        assert (len(splits["train"][c]), len(splits["val"][c]),
+                len(splits["test"][c])) == (n_train, n_val, n_test), c
+        parts = [set(splits[s][c]) for s in ("train", "val", "test")]
+        assert parts[0].isdisjoint(parts[1]) and parts[0].isdisjoint(parts[2])
+        assert parts[1].isdisjoint(parts[2])
+        assert parts[0] | parts[1] | parts[2] == set(files[c])
+
+
+def test_split_files_no_test_key_when_ratio_zero():
+    splits = split_files(fake_files({"a": 5}), 0.8, 0.2, 0.0, seed=1)
+    assert set(splits) == {"train", "val"}
+    assert (len(splits["train"]["a"]), len(splits["val"]["a"])) == (4, 1)
+
+
+def test_split_files_deterministic_and_seed_sensitive():
+    files = fake_files({"a": 50, "b": 30})
+    first = split_files(files, 0.8, 0.2, 0.0, seed=42)
+    # Input order must not matter, only the seed.
+    shuffled = {c: list(reversed(f)) for c, f in files.items()}
+    assert split_files(shuffled, 0.8, 0.2, 0.0, seed=42) == first
+    assert split_files(files, 0.8, 0.2, 0.0, seed=43) != first
+
+
+def test_split_files_classes_shuffled_independently():
+    # Same file names in two classes must not get the same val picks.
+    names = [f"{i}.png" for i in range(40)]
+    splits = split_files({"a": names, "b": names}, 0.8, 0.2, 0.0, seed=0)
+    assert splits["val"]["a"] != splits["val"]["b"]
+
+
+def test_split_files_rejects_bad_ratios():
+    with pytest.raises(ValueError):
+        split_files(fake_files({"a": 3}), 0.5, 0.2, 0.0, seed=0)
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_copies_with_exact_counts(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"cat": 10, "dog": 5})
+    out = tmp_path / "out"
+    res = run_cli(*base_args(inp, out, "--test_ratio", "0.1", "--train_ratio", "0.7"))
+    assert res.returncode == 0, res.stderr
+    train, val, test = (listing(out / s) for s in ("train", "val", "test"))
+    assert {c: len(f) for c, f in train.items()} == {"cat": 7, "dog": 3}
+    assert {c: len(f) for c, f in val.items()} == {"cat": 2, "dog": 1}
+    assert {c: len(f) for c, f in test.items()} == {"cat": 1, "dog": 1}
+    for c in ("cat", "dog"):
+        all_files = train[c] + val[c] + test[c]
+        assert len(all_files) == len(set(all_files))  # disjoint
+        assert set(all_files) == {p.name for p in (inp / c).iterdir()}  # complete
+    copied = out / "train" / "cat" / train["cat"][0]
+    assert not copied.is_symlink()
+    assert copied.read_bytes() == (inp / "cat" / train["cat"][0]).read_bytes()
+    # table with a totals row
+    assert "TOTAL" in res.stdout and "cat" in res.stdout
+
+
+def test_cli_no_test_dir_when_ratio_zero(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 5})
+    out = tmp_path / "out"
+    assert run_cli(*base_args(inp, out)).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+
+
+def test_cli_deterministic_across_runs(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 30, "b": 20})
+    outs = {}
+    for name, seed in (("x", 7), ("y", 7), ("z", 8)):
+        res = run_cli(*base_args(inp, tmp_path / name, "--seed", seed))
+        assert res.returncode == 0, res.stderr
+        outs[name] = listing(tmp_path / name / "val")
+    assert outs["x"] == outs["y"]
+    assert outs["x"] != outs["z"]
+
+
+def test_cli_extensions_case_insensitive_and_non_images_ignored(tmp_path):
+    inp = tmp_path / "raw"
+    write_png(inp / "a" / "one.png")
+    write_png(inp / "a" / "two.JPG")   # PNG bytes, but only the name matters here
+    write_png(inp / "a" / "sub" / "three.Jpeg")
+    (inp / "a" / "notes.txt").write_text("not an image")
+    (inp / "a" / "photo.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "out"
+    res = run_cli("--input_dir", inp, "--output_dir", out, "--train_ratio", "0.8",
+                  "--val_ratio", "0.2", "--image_extensions", ".PNG, jpg,jpeg")
+    assert res.returncode == 0, res.stderr
+    found = listing(out / "train").get("a", []) + listing(out / "val").get("a", [])
+    assert sorted(found) == ["one.png", "sub/three.Jpeg", "two.JPG"]
+
+
+def test_cli_warns_about_single_image_class(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"big": 6, "lonely": 1})
+    out = tmp_path / "out"
+    res = run_cli(*base_args(inp, out))
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'lonely'" in warnings[0] and "no val" in warnings[0]
+    assert listing(out / "train")["lonely"] == ["img_000.png"]
+    assert "lonely" not in listing(out / "val")
+
+
+def test_cli_symlink_points_at_originals(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = tmp_path / "out"
+    res = run_cli(*base_args(inp, out, "--symlink"))
+    assert res.returncode == 0, res.stderr
+    links = [p for p in out.rglob("*.png")]
+    assert len(links) == 4
+    for link in links:
+        assert link.is_symlink()
+        target = Path(os.readlink(link))
+        assert target.is_absolute()
+        assert target == (inp / "a" / link.name).resolve()
+
+
+def test_cli_copy_and_symlink_are_exclusive(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = tmp_path / "out"
+    res = run_cli(*base_args(inp, out, "--copy", "--symlink"))
+    assert res.returncode == 2
+    assert "not allowed with" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ratios, message", [
+    (("0.7", "0.2", "0.0"), "add up to 1"),
+    (("0.9", "0.2", "-0.1"), "must be >= 0"),
+    (("0.0", "1.0", "0.0"), "train_ratio must be > 0"),
+    (("nan", "0.2", "0.0"), "must be >= 0"),
+])
+def test_cli_refuses_bad_ratios(tmp_path, ratios, message):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = tmp_path / "out"
+    train, val, test = ratios
+    res = run_cli("--input_dir", inp, "--output_dir", out, "--train_ratio", train,
+                  "--val_ratio", val, "--test_ratio", test, "--image_extensions", "png")
+    assert_refused(res, message, out)
+
+
+def assert_refused(res, message, out=None):
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert message in lines[0]
+    assert "Traceback" not in res.stderr
+    if out is not None:
+        assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def test_cli_refuses_missing_input(tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_cli(*base_args(tmp_path / "nope", out)), "does not exist", out)
+    assert not out.exists()
+
+
+def test_cli_refuses_input_without_class_folders(tmp_path):
+    inp = tmp_path / "raw"
+    write_png(inp / "loose.png")  # image not inside a class folder
+    out = tmp_path / "out"
+    assert_refused(run_cli(*base_args(inp, out)), "no class sub-folders", out)
+    assert not out.exists()
+
+
+def test_cli_refuses_when_no_matching_images(tmp_path):
+    inp = tmp_path / "raw"
+    (inp / "a").mkdir(parents=True)
+    (inp / "a" / "readme.txt").write_text("hi")
+    out = tmp_path / "out"
+    assert_refused(run_cli(*base_args(inp, out)), "no files with extensions", out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "inside_via_dotdot"])
+def test_cli_refuses_output_in_input(tmp_path, where):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = {"same": inp, "inside": inp / "split",
+           "inside_via_dotdot": tmp_path / "other" / ".." / "raw" / "split"}[where]
+    before = sorted(inp.rglob("*"))
+    assert_refused(run_cli(*base_args(inp, out)), "inside it")
+    assert sorted(inp.rglob("*")) == before  # nothing written into the input
+
+
+def test_cli_refuses_output_in_input_via_symlink(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    alias = tmp_path / "alias"
+    alias.symlink_to(inp)
+    before = sorted(inp.rglob("*"))
+    assert_refused(run_cli(*base_args(inp, alias / "split")), "inside it")
+    assert sorted(inp.rglob("*")) == before  # nothing written into the input
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_cli_refuses_non_empty_output(tmp_path, split):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = tmp_path / "out"
+    (out / split / "old").mkdir(parents=True)
+    (out / split / "old" / "stale.txt").write_text("x")
+    res = run_cli(*base_args(inp, out))
+    assert_refused(res, "pick an empty --output_dir", out)
+    assert sorted(p.name for p in out.rglob("*")) == ["old", "stale.txt", split]
+
+
+def test_cli_accepts_existing_empty_output_dirs(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "val").mkdir()
+    assert run_cli(*base_args(inp, out)).returncode == 0
+    assert len(list(out.rglob("*.png"))) == 4
