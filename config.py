@@ -1,6 +1,7 @@
 """The training flags of train_ddp.py (and so of launch_ddp.py), their defaults and their checks."""
 import argparse
 import os
+import tempfile
 
 DEMO_DIR = "data/digits"
 # The demo recipe: 8x8 digit scans upscaled to 32 px; no flips (a mirrored digit is another shape).
@@ -113,5 +114,9 @@ def check_writable_dir(path, flag):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise ConfigError(f"--{flag} {path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--{flag} {path} is not writable ({probe}); pick a folder you can write to")
+    try:  # a real write: os.access says yes to root even on read-only file systems
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--{flag} {path} is not writable ({probe}: {exc.strerror}); "
+                          "pick a folder you can write to") from None

@@ -20,7 +20,7 @@ from checkpoint import CheckpointError, check_resumable, load_checkpoint, save_c
 from config import ConfigError, parse_args
 from dataset import DataError, build_datasets, build_loaders, normalize, prepare_digits_demo
 from model import ModelError, build_model
-from utils import (all_reduce_sum, append_history, main_print, new_history, setup_distributed,
+from utils import (all_reduce_sum, broadcast_buffers, append_history, main_print, new_history, setup_distributed,
                    teardown_distributed, write_json_atomic)
 
 CLEAR_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
@@ -91,6 +91,7 @@ def train(args, ctx):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, amp_dtype,
                                       epoch, args, ctx)
+        broadcast_buffers(unwrap(model))  # evaluate and save the statistics rank 0 saves
         val_loss, val_acc = evaluate(unwrap(model), val_loader, len(val_set), amp_dtype, args, ctx)
         record = dict(epoch=epoch, **train_stats, val_loss=val_loss, val_acc=val_acc,
                       epoch_seconds=time.perf_counter() - epoch_start)

@@ -61,6 +61,17 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast_buffers(module, src=0):
+    """Copy rank `src`'s buffers (batch-norm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    rank holds statistics updated by its own last batch; evaluating with those would mix models.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def main_print(ctx, *args, **kwargs):
     """Only rank 0 prints progress; errors are printed by the rank that hits them."""
     if ctx.is_main:

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny real ImageFolder on disk and helpers that run the real CLIs."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CLASSES = ("circle", "square", "triangle")
+
+
+def write_image_folder(root, per_class, size=(24, 20), seed=0):
+    """Class k images are noisy pictures dominated by colour channel k: learnable in a few steps."""
+    rng = np.random.RandomState(seed)
+    for k, name in enumerate(CLASSES):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.randint(0, 90, size=(size[1], size[0], 3)).astype(np.uint8)
+            pixels[..., k] = rng.randint(160, 256, size=(size[1], size[0]))
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{i:03d}.png"))
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """train: 3 classes x 8 images (24 in all); val: 3 x 3 minus one = 8 images."""
+    train = write_image_folder(str(tmp_path / "data" / "train"), per_class=8)
+    val = write_image_folder(str(tmp_path / "data" / "val"), per_class=3, seed=1)
+    os.remove(os.path.join(val, "square", "002.png"))
+    return dict(train_dir=train, val_dir=val, root=str(tmp_path))
+
+
+def data_flags(data, out, **overrides):
+    """Small, fast training flags for the tiny dataset, writing under `out`."""
+    flags = dict(train_dir=data["train_dir"], val_dir=data["val_dir"], checkpoint_dir=f"{out}/checkpoints",
+                 log_dir=f"{out}/logs", image_size=16, batch_size=4, epochs=1, num_workers=0)
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_cli(args, cwd=REPO, timeout=240, env=None, check=True):
+    """Run a command for real and return the CompletedProcess; fail with its output on error."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO, **(env or {}))
+    result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+                             f"\n--- stderr\n{result.stderr[-4000:]}")
+    return result
+
+
+def torchrun(nproc, *script_args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(REPO, "train_ddp.py"), *script_args]
+
+
+def train_cmd(*script_args):
+    return [sys.executable, os.path.join(REPO, "train_ddp.py"), *script_args]
+
+
+def load_weights(checkpoint_path):
+    return torch.load(checkpoint_path)["model_state_dict"]
+
+
+def assert_same_weights(a, b, exact=True, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), f"{key} differs"
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")

@@ -1,0 +1,190 @@
+"""train_ddp.py: the training loop's guarantees, proven on real runs (1 process and real torchrun)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import train_ddp
+from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun,
+                      train_cmd)
+from dataset import AugmentedImageFolder, build_loaders
+from model import build_model
+from utils import DistContext
+
+
+def test_one_process_run_writes_loadable_checkpoints_and_history(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    result = run_cli(train_cmd(*data_flags(tiny_data, out, epochs=2)))
+    assert "1 process on cpu" in result.stdout
+    best = torch.load(f"{out}/checkpoints/checkpoint_best.pth")  # weights_only=True by default
+    latest = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert latest["epoch"] == 2
+    assert latest["class_names"] == ["circle", "square", "triangle"]
+    for key in ("model_state_dict", "optimizer_state_dict", "scaler_state_dict", "best_acc", "config"):
+        assert key in best
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in latest["model_state_dict"])
+    assert latest["config"]["batch_size"] == 4 and latest["config"]["epochs"] == 2
+    history = json.load(open(f"{out}/logs/training_history.json"))
+    assert history["epoch"] == [1, 2]
+    assert latest["best_acc"] == max(history["val_acc"])
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "learning_rate", "epoch_seconds",
+                "samples_per_second"):
+        assert len(history[key]) == 2 and all(v >= 0 for v in history[key])
+
+
+def test_seeds_loading_snippet_works_verbatim_on_a_cli_checkpoint(tiny_data, tmp_path):
+    run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path))))
+    snippet = (
+        "import torch\n"
+        "from model import ResNet18Animals90\n"
+        "checkpoint = torch.load('checkpoints/checkpoint_best.pth')\n"
+        "model = ResNet18Animals90(num_classes=3, pretrained=False)\n"
+        "model.load_state_dict(checkpoint['model_state_dict'])\n"
+        "print('loaded', sum(p.numel() for p in model.parameters()))\n")
+    result = run_cli([sys.executable, "-c", snippet], cwd=str(tmp_path))
+    assert result.stdout.startswith("loaded 11")  # ResNet-18 with a 3-way head: 11.18M parameters
+
+
+def test_accumulation_of_k_micro_batches_equals_one_batch_k_times_larger(tiny_data, tmp_path):
+    # TinyCNN has no batch norm, so a batch's gradient is the mean of its samples' gradients and
+    # 2 micro-batches of 4 average to exactly the gradient of one batch of 8 (up to float rounding).
+    common = dict(model="tiny_cnn", epochs=2, lr_scheduler="none")
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/big", batch_size=8, **common)))
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/accum", batch_size=4,
+                                  gradient_accumulation_steps=2, **common)))
+    big = load_weights(f"{tmp_path}/big/checkpoints/checkpoint_latest.pth")
+    accum = load_weights(f"{tmp_path}/accum/checkpoints/checkpoint_latest.pth")
+    assert_same_weights(big, accum, exact=False, atol=1e-5)
+    initial = build_model("tiny_cnn", 3).state_dict()
+    assert not torch.allclose(initial["fc.weight"], big["fc.weight"])  # training did move the weights
+
+
+def test_short_last_accumulation_group_is_averaged_over_its_own_micro_batches(tiny_data, tmp_path):
+    # 24 images / batch 4 = 6 micro-batches; with k=4 the groups are 4 + 2. The short group's
+    # loss is divided by 2, so it equals one update on a batch of 8 images.
+    common = dict(model="tiny_cnn", lr_scheduler="none", batch_size=4)
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/k4", gradient_accumulation_steps=4, **common)))
+    latest = torch.load(f"{tmp_path}/k4/checkpoints/checkpoint_latest.pth")
+    steps = [s["step"] for s in latest["optimizer_state_dict"]["state"].values()]
+    assert all(int(s) == 2 for s in steps)  # two optimizer updates: ceil(6 / 4)
+
+
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_data, tmp_path):
+    common = dict(model="tiny_cnn", epochs=2)
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/one", batch_size=8, **common)))
+    result = run_cli(torchrun(2, *data_flags(tiny_data, f"{tmp_path}/two", batch_size=4, **common)))
+    assert "2 processes on cpu (gloo)" in result.stdout
+    one = load_weights(f"{tmp_path}/one/checkpoints/checkpoint_latest.pth")
+    two = load_weights(f"{tmp_path}/two/checkpoints/checkpoint_latest.pth")
+    assert_same_weights(one, two, exact=False, atol=1e-5)
+    history_one = json.load(open(f"{tmp_path}/one/logs/training_history.json"))
+    history_two = json.load(open(f"{tmp_path}/two/logs/training_history.json"))
+    assert history_one["train_acc"] == history_two["train_acc"]  # same samples, same predictions
+
+
+def evaluate_in_one_process(checkpoint_path, val_dir, image_size):
+    checkpoint = torch.load(checkpoint_path)
+    model = build_model(checkpoint["config"]["model"], len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    val_set = AugmentedImageFolder(val_dir, image_size, train=False)
+    _, val_loader = build_loaders(val_set, val_set, batch_size=3, num_workers=0, rank=0, world_size=1,
+                                  seed=0, pin_memory=False)
+    args = train_ddp.parse_args(["--batch_size", "3"])
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    return train_ddp.evaluate(model, val_loader, len(val_set), torch.float16, args, ctx)
+
+
+def test_distributed_validation_equals_one_process_exactly_on_an_odd_sized_set(tiny_data, tmp_path):
+    # 8 val images over 3 processes: shards of 3, 3 and 2 images; no padding duplicates. Batch 3
+    # gives batches of 3, 3 and 2 images in both runs: convolution kernels may round differently
+    # for another batch size (oneDNN does for a batch of one), which no aggregation can undo.
+    out = str(tmp_path / "run")
+    run_cli(torchrun(3, *data_flags(tiny_data, out, batch_size=3)))
+    history = json.load(open(f"{out}/logs/training_history.json"))
+    val_loss, val_acc = evaluate_in_one_process(f"{out}/checkpoints/checkpoint_latest.pth",
+                                                tiny_data["val_dir"], image_size=16)
+    assert history["val_loss"][0] == val_loss
+    assert history["val_acc"][0] == val_acc
+    assert val_acc * 8 / 100 == pytest.approx(round(val_acc * 8 / 100))  # a multiple of 1/8: 8 images
+
+
+def test_resume_continues_at_the_next_epoch_with_the_saved_optimizer_state(tiny_data, tmp_path):
+    # The schedule is constant so a 2-epoch run resumed for a 3rd must equal a straight 3-epoch run.
+    common = dict(model="tiny_cnn", lr_scheduler="none")
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/straight", epochs=3, **common)))
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/split", epochs=2, **common)))
+    first_leg = torch.load(f"{tmp_path}/split/checkpoints/checkpoint_latest.pth")
+    result = run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/split", epochs=3,
+                                           resume=f"{tmp_path}/split/checkpoints/checkpoint_latest.pth",
+                                           **common)))
+    assert "Resumed from" in result.stdout and "epoch 2 done" in result.stdout
+    assert "Epoch 1/3 |" not in result.stdout and "Epoch 3/3 |" in result.stdout
+    resumed = torch.load(f"{tmp_path}/split/checkpoints/checkpoint_latest.pth")
+    straight = torch.load(f"{tmp_path}/straight/checkpoints/checkpoint_latest.pth")
+    assert resumed["epoch"] == 3 and resumed["history"]["epoch"] == [1, 2, 3]
+    assert_same_weights(resumed["model_state_dict"], straight["model_state_dict"], exact=True)
+    step = lambda ckpt: int(next(iter(ckpt["optimizer_state_dict"]["state"].values()))["step"])
+    assert step(resumed) == step(straight) == step(first_leg) * 3 // 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(batch_size=0), "--batch_size must be at least 1"),
+    (dict(epochs=-1), "--epochs must be at least 1"),
+    (dict(learning_rate=0), "--learning_rate must be in (0, 10]"),
+    (dict(num_workers=-2), "--num_workers must be 0 or more"),
+    (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be at least 1"),
+    (dict(batch_size=10**7), "beyond any sensible value"),
+    (dict(train_dir="/nonexistent/train"), "train folder not found: /nonexistent/train"),
+    (dict(batch_size=64), "fewer than --batch_size 64"),
+    (dict(model="resnet_9000"), "unknown model 'resnet_9000'"),
+    (dict(resume="/nonexistent.pth"), "checkpoint not found: /nonexistent.pth"),
+    (dict(checkpoint_dir="/proc/checkpoints"), "--checkpoint_dir /proc/checkpoints is not writable"),
+])
+def test_bad_input_gives_one_clear_error_and_exit_code_2(tiny_data, tmp_path, capsys, flags, message):
+    code = train_ddp.main(data_flags(tiny_data, str(tmp_path), **flags))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(f"{tmp_path}/checkpoints")
+
+
+def test_train_folder_without_class_folders_and_mismatched_val_classes(tiny_data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_ddp.main(data_flags(tiny_data, str(tmp_path), train_dir=str(empty))) == 2
+    assert "has no class sub-folders" in capsys.readouterr().err
+    os.rename(f"{tiny_data['val_dir']}/square", f"{tiny_data['val_dir']}/rectangle")
+    assert train_ddp.main(data_flags(tiny_data, str(tmp_path))) == 2
+    assert "val classes differ from train classes" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_classes_and_other_models(tiny_data, tmp_path, capsys):
+    run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/a", model="tiny_cnn")))
+    checkpoint = f"{tmp_path}/a/checkpoints/checkpoint_latest.pth"
+    before = open(checkpoint, "rb").read()
+    assert train_ddp.main(data_flags(tiny_data, f"{tmp_path}/a", resume=checkpoint)) == 2
+    assert "holds a 'tiny_cnn' model, but --model is 'resnet18'" in capsys.readouterr().err
+    os.rename(f"{tiny_data['train_dir']}/square", f"{tiny_data['train_dir']}/rectangle")
+    os.rename(f"{tiny_data['val_dir']}/square", f"{tiny_data['val_dir']}/rectangle")
+    assert train_ddp.main(data_flags(tiny_data, f"{tmp_path}/a", resume=checkpoint, model="tiny_cnn")) == 2
+    assert "resume needs the same classes" in capsys.readouterr().err
+    assert open(checkpoint, "rb").read() == before
+
+
+def test_amp_float16_trains_with_a_grad_scaler_and_saves_its_state(tiny_data, tmp_path):
+    out = str(tmp_path / "amp")
+    run_cli(train_cmd(*data_flags(tiny_data, out, model="tiny_cnn", use_amp=True, max_grad_norm=1.0)))
+    latest = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert latest["scaler_state_dict"]["scale"] > 0  # an enabled GradScaler has a scale
+    assert latest["config"]["use_amp"] is True
+
+
+def test_help_documents_every_flag():
+    result = run_cli(train_cmd("--help"))
+    for flag in ("--train_dir", "--val_dir", "--epochs", "--batch_size", "--learning_rate", "--num_workers",
+                 "--use_amp", "--gradient_accumulation_steps", "--max_grad_norm", "--resume",
+                 "--checkpoint_dir", "--log_dir", "--seed", "--image_size", "--amp_dtype",
+                 "--find_unused_parameters", "--distributed", "--demo"):
+        assert flag in result.stdout
