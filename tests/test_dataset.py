@@ -1,0 +1,454 @@
+"""dataset.py: crop boxes, per-sample deterministic augmentation, loaders, folder checks, the demo."""
+import argparse
+import math
+import os
+import random
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResizedCrop, Resize
+from torchvision.transforms import InterpolationMode
+
+from conftest import CLASSES, write_image_folder
+from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
+                     EpochTaggedSampler, build_datasets, build_loaders, check_data_folders, normalize,
+                     open_rgb, prepare_digits_demo, random_resized_crop_box, sample_seed)
+
+
+def box_for(width, height, seed, epoch, index, scale=(0.08, 1.0)):
+    return random_resized_crop_box(width, height, scale, random.Random(sample_seed(seed, epoch, index)))
+
+
+def fallback_box(width, height):
+    """torchvision's fallback, written out: the largest central crop within CROP_RATIO."""
+    return torchvision_params(width, height, scale=(2.0, 2.0))  # an impossible scale: always fallback
+
+
+def torchvision_params(width, height, scale):
+    i, j, h, w = RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(CROP_RATIO))
+    return j, i, w, h  # (left, top, width, height), like random_resized_crop_box
+
+
+def data_args(data, **overrides):
+    args = dict(train_dir=data["train_dir"], val_dir=data["val_dir"], image_size=16, seed=0,
+                min_crop_scale=0.08, hflip_prob=0.5)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def collect(loader):
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def as_multiset(images, labels):
+    """A batch as a sorted list of (label, pixel bytes): order-free, exact comparison."""
+    return sorted((int(label), image.numpy().tobytes()) for image, label in zip(images, labels))
+
+
+# ------------------------------------------------------------------ random_resized_crop_box
+
+@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (1000, 1000), (24, 20), (7, 5),
+                                           (1, 1), (300, 3), (3, 300)])
+def test_crop_box_always_lies_inside_the_image(width, height):
+    for index in range(300):
+        left, top, w, h = box_for(width, height, seed=1, epoch=0, index=index)
+        assert isinstance(left, int) and isinstance(top, int) and isinstance(w, int) and isinstance(h, int)
+        assert 0 < w <= width and 0 < h <= height
+        assert 0 <= left <= width - w and 0 <= top <= height - h
+
+
+def test_crop_box_area_and_aspect_stay_in_their_ranges_on_a_large_image():
+    width, height, scale = 640, 480, (0.25, 0.9)
+    for index in range(500):
+        left, top, w, h = box_for(width, height, seed=2, epoch=3, index=index, scale=scale)
+        if (left, top, w, h) == fallback_box(width, height):
+            continue
+        # Rounding w and h to whole pixels moves the area and the aspect by well under 1% here.
+        assert scale[0] * 0.99 <= w * h / (width * height) <= scale[1] * 1.01
+        assert CROP_RATIO[0] * 0.99 <= w / h <= CROP_RATIO[1] * 1.01
+
+
+@pytest.mark.parametrize("width, height, expected", [(1000, 10, ((1000 - 13) // 2, 0, 13, 10)),
+                                                     (10, 1000, (0, (1000 - 13) // 2, 10, 13))])
+def test_crop_box_fallback_is_torchvisions_central_crop(width, height, expected):
+    # A 100:1 image has no crop of >= 8% area within 3:4..4:3: every draw falls back to the
+    # largest central crop of aspect 4:3 (or 3:4), exactly as torchvision does.
+    assert fallback_box(width, height) == expected
+    boxes = {box_for(width, height, seed=0, epoch=0, index=i) for i in range(50)}
+    assert boxes == {expected}
+
+
+def test_crop_box_distribution_matches_torchvision_get_params():
+    width, height, scale, n = 200, 120, (0.08, 1.0), 3000
+    ours = [box_for(width, height, seed=5, epoch=0, index=i, scale=scale) for i in range(n)]
+    torch.manual_seed(0)
+    theirs = [torchvision_params(width, height, scale) for _ in range(n)]
+
+    def stats(boxes):
+        area = [w * h / (width * height) for _, _, w, h in boxes]
+        log_aspect = [math.log(w / h) for _, _, w, h in boxes]
+        centre_x = [(left + w / 2) / width for left, _, w, _ in boxes]
+        return statistics.mean(area), statistics.mean(log_aspect), statistics.mean(centre_x), \
+            statistics.pstdev(area)
+
+    for a, b in zip(stats(ours), stats(theirs)):
+        assert a == pytest.approx(b, abs=0.03)
+
+
+def test_crop_box_depends_only_on_seed_epoch_and_index():
+    assert box_for(640, 480, 7, 3, 11) == box_for(640, 480, 7, 3, 11)
+    other_epoch = sum(box_for(640, 480, 7, 3, i) != box_for(640, 480, 7, 4, i) for i in range(50))
+    other_seed = sum(box_for(640, 480, 7, 3, i) != box_for(640, 480, 8, 3, i) for i in range(50))
+    assert other_epoch >= 48 and other_seed >= 48
+
+
+def test_sample_seeds_are_distinct_over_seeds_epochs_and_indices():
+    seeds = {sample_seed(s, e, i) for s in (0, 1, 42) for e in range(30) for i in range(2000)}
+    assert len(seeds) == 3 * 30 * 2000
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+# ------------------------------------------------------------------ training / eval items
+
+def test_train_items_are_a_function_of_epoch_and_index(tiny_data):
+    a = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=3)
+    b = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=3)
+    for index in (0, 5, 23):
+        image, label = a[(2, index)]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+        assert label == a.samples[index][1]
+        assert torch.equal(image, b[(2, index)][0])
+        assert torch.equal(image, a[(2, index)][0])  # asking twice changes nothing
+    changed = sum(not torch.equal(a[(2, i)][0], a[(3, i)][0]) for i in range(24))
+    assert changed >= 22  # another epoch, another augmentation
+
+
+def test_hflip_probability_one_mirrors_the_same_crop(tiny_data):
+    never = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=1, hflip_prob=0.0)
+    always = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=1, hflip_prob=1.0)
+    for index in range(0, 24, 5):
+        assert torch.equal(always[(1, index)][0], never[(1, index)][0].flip(-1))
+
+
+def test_eval_items_are_torchvisions_resize_and_center_crop(tiny_data):
+    val_set = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
+    reference = Compose([Resize(18, interpolation=InterpolationMode.BILINEAR), CenterCrop(16), PILToTensor()])
+    assert len(val_set) == 8
+    for index in range(len(val_set)):
+        image, label = val_set[index]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+        assert label == val_set.samples[index][1]
+        assert torch.equal(image, val_set[index][0])
+        with Image.open(val_set.samples[index][0]) as raw:  # PNG: no draft decoding involved
+            assert torch.equal(image, reference(raw.convert("RGB")))
+
+
+def write_mode_zoo(root):
+    """One image per PIL mode the loader must turn into RGB; (path, expected centre colour)."""
+    folder = os.path.join(root, "zoo")
+    os.makedirs(folder)
+    red = (255, 0, 0)
+    Image.new("L", (40, 30), 128).save(f"{folder}/gray.png")
+    Image.new("RGBA", (40, 30), (255, 0, 0, 100)).save(f"{folder}/rgba.png")
+    Image.new("RGB", (40, 30), red).convert("P").save(f"{folder}/palette.png")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(f"{folder}/cmyk.jpg")
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(f"{folder}/upper.JPG", format="JPEG")
+    Image.new("L", (40, 30), 60).save(f"{folder}/gray.jpeg")
+    return {"gray.png": (128,) * 3, "rgba.png": red, "palette.png": red, "cmyk.jpg": red,
+            "upper.JPG": (0, 200, 0), "gray.jpeg": (60,) * 3}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_grayscale_rgba_palette_cmyk_and_upper_case_jpg_load_as_rgb(tmp_path, train):
+    expected = write_mode_zoo(str(tmp_path))
+    dataset = AugmentedImageFolder(str(tmp_path), 16, train=train)
+    names = [os.path.basename(path) for path, _ in dataset.samples]
+    assert sorted(names) == sorted(expected)  # .JPG is found like .jpg
+    for index, name in enumerate(names):
+        image, _ = dataset[(0, index) if train else index]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.uint8, name
+        centre = image[:, 8, 8].tolist()
+        assert all(abs(got - want) <= 6 for got, want in zip(centre, expected[name])), (name, centre)
+
+
+def write_large_jpeg(path):
+    """640x480: smooth gradients plus two solid shapes with sharp edges."""
+    x = np.linspace(0, 255, 640)[None, :]
+    y = np.linspace(0, 255, 480)[:, None]
+    pixels = np.stack(np.broadcast_arrays(x, y, (x + y) / 2), axis=-1).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((100, 80, 300, 260), fill=(250, 30, 30))
+    draw.rectangle((380, 200, 600, 440), fill=(20, 20, 200))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, quality=92)
+
+
+def test_jpeg_draft_decodes_at_the_smallest_libjpeg_scale_still_large_enough(tmp_path):
+    path = str(tmp_path / "a" / "big.jpg")
+    write_large_jpeg(path)
+    assert open_rgb(path).size == (640, 480)
+    assert open_rgb(path, (100, 100)).size == (160, 120)  # 1/4: 1/8 would be 80x60, too small
+    assert open_rgb(path, (300, 100)).size == (320, 240)
+    assert open_rgb(path, (641, 10)).size == (640, 480)
+    assert open_rgb(path, (100, 100)).mode == "RGB"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_jpeg_decode_matches_full_decode_for_the_same_crop(tmp_path, train):
+    write_large_jpeg(str(tmp_path / "a" / "big.jpg"))
+    fast = AugmentedImageFolder(str(tmp_path), 64, train=train, seed=9)
+    full = AugmentedImageFolder(str(tmp_path), 64, train=train, seed=9, fast_decode=False)
+    keys = [(epoch, 0) for epoch in range(12)] if train else [0]
+    for key in keys:
+        a, b = fast[key][0].float(), full[key][0].float()
+        assert a.shape == b.shape == (3, 64, 64)
+        assert (a - b).abs().mean() < 3, key  # measured: about 0.3
+    if train:  # the comparison can tell crops apart: another epoch's crop is far off
+        assert (fast[(0, 0)][0].float() - full[(1, 0)][0].float()).abs().mean() > 10
+
+
+# ------------------------------------------------------------------ sampler and loaders
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sampler_yields_epoch_tagged_distributed_order_and_skips_exactly_start(tiny_data, world_size):
+    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
+    permutation = torch.randperm(24, generator=torch.Generator().manual_seed(7 + 5)).tolist()
+    for rank in range(world_size):
+        sampler = EpochTaggedSampler(dataset, num_replicas=world_size, rank=rank, seed=7)
+        sampler.set_epoch(5)
+        full = list(sampler)
+        assert full == [(5, i) for i in permutation[rank::world_size]]  # DistributedSampler's order
+        for start in (0, 1, 3, len(full)):
+            sampler.set_epoch(5, start=start)
+            assert list(sampler) == full[start:]
+            assert len(sampler) == len(full) - start
+        sampler.set_epoch(6)  # a new epoch starts from its beginning again
+        assert len(list(sampler)) == len(full) == 24 // world_size
+
+
+def test_loader_resumed_mid_epoch_yields_the_remaining_batches(tiny_data):
+    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
+    loader, _ = build_loaders(dataset, dataset, batch_size=4, num_workers=0, rank=0, world_size=1,
+                              seed=0, pin_memory=False)
+    loader.sampler.set_epoch(3)
+    full = collect(loader)
+    loader.sampler.set_epoch(3, start=8)
+    rest = collect(loader)
+    assert len(full) == 6 and len(rest) == len(loader) == 4
+    for (a, la), (b, lb) in zip(full[2:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(tiny_data):
+    train_set = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=4)
+    val_set = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
+    results = {}
+    for workers in (0, 2):
+        train_loader, val_loader = build_loaders(train_set, val_set, batch_size=4, num_workers=workers,
+                                                 rank=0, world_size=1, seed=4, pin_memory=False)
+        results[workers] = []
+        for epoch in (1, 2):
+            train_loader.sampler.set_epoch(epoch)
+            results[workers].append(collect(train_loader))
+        results[workers].append(collect(val_loader))
+        del train_loader, val_loader  # stop the persistent workers
+    assert [len(r) for r in results[0]] == [6, 6, 2]
+    for run0, run2 in zip(results[0], results[2]):
+        for (a, la), (b, lb) in zip(run0, run2):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(results[0][0][0][0], results[0][1][0][0])  # epochs differ
+
+
+@pytest.mark.parametrize("epoch", [1, 4])
+def test_two_ranks_of_batch_b_see_exactly_one_rank_of_batch_2b(tiny_data, epoch):
+    train_set = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=11)
+
+    def batches(batch_size, rank, world_size):
+        loader, _ = build_loaders(train_set, train_set, batch_size, 0, rank, world_size, seed=11,
+                                  pin_memory=False)
+        loader.sampler.set_epoch(epoch)
+        return collect(loader)
+
+    one = batches(8, 0, 1)
+    rank0, rank1 = batches(4, 0, 2), batches(4, 1, 2)
+    assert len(one) == len(rank0) == len(rank1) == 3
+    for (big, big_labels), (a, la), (b, lb) in zip(one, rank0, rank1):
+        union = as_multiset(torch.cat([a, b]), torch.cat([la, lb]))
+        assert union == as_multiset(big, big_labels)
+
+
+def test_val_shards_cover_every_image_exactly_once(tiny_data):
+    val_set = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
+    everything = []
+    for rank in range(3):
+        _, val_loader = build_loaders(val_set, val_set, 2, 0, rank, 3, seed=0, pin_memory=False)
+        everything += [x for images, labels in val_loader for x in as_multiset(images, labels)]
+    _, single = build_loaders(val_set, val_set, 2, 0, 0, 1, seed=0, pin_memory=False)
+    assert sorted(everything) == sorted(x for images, labels in single for x in as_multiset(images, labels))
+    assert len(everything) == 8
+
+
+def test_loader_refuses_a_batch_larger_than_a_ranks_shard(tiny_data):
+    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
+    with pytest.raises(DataError, match="24 images, 12 per process: fewer than --batch_size 13"):
+        build_loaders(dataset, dataset, 13, 0, 0, 2, seed=0, pin_memory=False)
+
+
+# ------------------------------------------------------------------ folder checks
+
+def test_check_data_folders_returns_the_sorted_class_names(tiny_data):
+    assert check_data_folders(tiny_data["train_dir"], tiny_data["val_dir"]) == list(CLASSES)
+
+
+def test_check_data_folders_errors_name_the_problem_and_the_fix(tiny_data, tmp_path):
+    train, val = tiny_data["train_dir"], tiny_data["val_dir"]
+    with pytest.raises(DataError, match=r"train folder not found: /nonexistent/train \(pass --train_dir"):
+        check_data_folders("/nonexistent/train", val)
+    with pytest.raises(DataError, match=r"val folder not found: /nonexistent/val \(pass --val_dir"):
+        check_data_folders(train, "/nonexistent/val")
+    a_file = tmp_path / "train.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(DataError, match=f"train folder is not a directory: {a_file}"):
+        check_data_folders(str(a_file), val)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(f"{train}/circle/000.png", flat / "000.png")
+    with pytest.raises(DataError, match=f"train folder {flat} has no class sub-folders; "
+                                        f"expected {flat}/<class_name>/<image files>"):
+        check_data_folders(str(flat), val)
+    os.rename(f"{val}/square", f"{val}/rectangle")
+    with pytest.raises(DataError) as error:
+        check_data_folders(train, val)
+    assert "val classes differ from train classes" in str(error.value)
+    assert "only in train: ['square']" in str(error.value)
+    assert "only in val: ['rectangle']" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_class_folder_without_images_is_a_data_error_from_build_datasets(tiny_data, content):
+    empty = os.path.join(tiny_data["train_dir"], "zebra")
+    os.makedirs(empty)
+    os.makedirs(os.path.join(tiny_data["val_dir"], "zebra"))
+    shutil.copy(f"{tiny_data['val_dir']}/circle/000.png", f"{tiny_data['val_dir']}/zebra/000.png")
+    if content:
+        open(os.path.join(empty, content), "w").write("no image here")
+    with pytest.raises(DataError) as error:
+        build_datasets(data_args(tiny_data))
+    message = str(error.value)
+    assert "zebra" in message and ".jpg" in message and ".png" in message
+
+
+def test_build_datasets_labels_match_the_class_names(tiny_data):
+    train_set, val_set, class_names = build_datasets(data_args(tiny_data, image_size=20, seed=5))
+    assert class_names == list(CLASSES) == train_set.classes == val_set.classes
+    assert train_set.train and not val_set.train
+    assert (train_set.image_size, train_set.seed, train_set.crop_scale) == (20, 5, (0.08, 1.0))
+    for path, label in train_set.samples + val_set.samples:
+        assert class_names[label] == os.path.basename(os.path.dirname(path))
+
+
+def test_hidden_folders_are_ignored_by_the_dataset_as_by_the_class_check(tiny_data):
+    # check_data_folders skips hidden folders (.ipynb_checkpoints, .cache, ...); the datasets
+    # must then use the same classes, or every label is shifted against class_names.
+    for root in (tiny_data["train_dir"], tiny_data["val_dir"]):
+        os.makedirs(f"{root}/.ipynb_checkpoints")
+        shutil.copy(f"{root}/circle/000.png", f"{root}/.ipynb_checkpoints/000-checkpoint.png")
+    train_set, val_set, class_names = build_datasets(data_args(tiny_data))
+    assert class_names == list(CLASSES)
+    assert train_set.classes == class_names and val_set.classes == class_names
+    assert {label for _, label in train_set.samples} == {0, 1, 2}
+
+
+# ------------------------------------------------------------------ normalize
+
+def test_normalize_gives_imagenet_normalised_floats():
+    values = (0, 128, 255)
+    images = torch.empty(2, 3, 4, 5, dtype=torch.uint8)
+    images[0] = torch.tensor(values, dtype=torch.uint8).view(3, 1, 1)
+    images[1] = 255
+    before = images.clone()
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert torch.equal(images, before)
+    for c in range(3):
+        expected0 = (values[c] / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        expected1 = (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        torch.testing.assert_close(out[0, c], torch.full((4, 5), expected0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[1, c], torch.full((4, 5), expected1), rtol=0, atol=1e-5)
+    assert out[0, 0, 0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-5)  # -2.1179
+    assert normalize(images, dtype=torch.float64).dtype == torch.float64
+
+
+# ------------------------------------------------------------------ digits demo
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one") / "digits"
+    train, val = prepare_digits_demo(str(root))
+    return dict(root=str(root), train=train, val=val)
+
+
+def listing(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_digits_demo_writes_1797_pngs_in_a_stratified_80_20_split(digits):
+    from sklearn.datasets import load_digits
+
+    assert digits["train"] == os.path.join(digits["root"], "train")
+    assert digits["val"] == os.path.join(digits["root"], "val")
+    assert sorted(os.listdir(digits["root"])) == ["train", "val"]
+    names = [str(d) for d in range(10)]
+    assert sorted(os.listdir(digits["train"])) == sorted(os.listdir(digits["val"])) == names
+    target = load_digits().target
+    all_indices = []
+    for label in range(10):
+        train_files = os.listdir(f"{digits['train']}/{label}")
+        val_files = os.listdir(f"{digits['val']}/{label}")
+        n_class = int((target == label).sum())
+        assert len(train_files) + len(val_files) == n_class
+        assert len(val_files) == round(0.2 * n_class)
+        indices = [int(f[:-4]) for f in train_files + val_files]
+        assert all(f.endswith(".png") for f in train_files + val_files)
+        assert all(target[i] == label for i in indices)  # each file is in its digit's folder
+        all_indices += indices
+    assert sorted(all_indices) == list(range(1797))  # every digit once: train and val disjoint
+    assert not [n for n in os.listdir(os.path.dirname(digits["root"])) if n.startswith(".digits-")]
+
+
+def test_digits_demo_images_are_the_8x8_scans_scaled_to_0_255(digits):
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    for split, label in [("train", 0), ("val", 7)]:
+        folder = f"{digits[split]}/{label}"
+        name = sorted(os.listdir(folder))[0]
+        with Image.open(f"{folder}/{name}") as image:
+            assert image.size == (8, 8) and image.mode == "L"
+            pixels = np.asarray(image)
+        expected = (images[int(name[:-4])] * (255 / 16)).round().astype(np.uint8)
+        assert np.array_equal(pixels, expected)
+    dataset = AugmentedImageFolder(digits["val"], 32, train=False)
+    assert dataset.classes == [str(d) for d in range(10)] and len(dataset) == 359
+    assert dataset[0][0].shape == (3, 32, 32)
+
+
+def test_digits_demo_is_deterministic_and_written_only_once(digits, tmp_path):
+    other = str(tmp_path / "digits")
+    prepare_digits_demo(other)
+    assert listing(other) == listing(digits["root"])
+    sample = os.path.join("val", "3", sorted(os.listdir(f"{other}/val/3"))[5])
+    assert open(os.path.join(other, sample), "rb").read() == open(os.path.join(digits["root"], sample), "rb").read()
+
+    stamps = {p: os.stat(os.path.join(other, p)).st_mtime_ns for p in listing(other)}
+    os.remove(os.path.join(other, sample))  # a second call must not even look at the files
+    assert prepare_digits_demo(other) == (os.path.join(other, "train"), os.path.join(other, "val"))
+    assert not os.path.exists(os.path.join(other, sample))
+    assert {p: os.stat(os.path.join(other, p)).st_mtime_ns for p in listing(other)} == \
+        {p: t for p, t in stamps.items() if p != sample}
+    assert sorted(os.listdir(tmp_path)) == ["digits"]  # no staging folder left behind
