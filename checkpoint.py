@@ -1,8 +1,10 @@
 """Checkpoints: one schema of plain types, atomic writes, safe (weights_only) loads.
 
 Schema: model_state_dict (unwrapped: no `module.`/`_orig_mod.`), optimizer_state_dict,
-scaler_state_dict, scheduler_state_dict, epoch (epochs completed), best_acc, class_names,
-model_name, config (flag values), history. Everything is a tensor, str, int, float, bool, list
+scaler_state_dict, scheduler_state_dict, epoch (epochs completed), step (optimizer steps done in
+the next epoch: non-zero in a mid-epoch checkpoint), best_acc, class_names, model_name,
+config (flag values), history, rng (per-rank RNG states), train_partial (per-rank running sums
+of the epoch in progress), nonfinite (non-finite step counters). Everything is a tensor, str, int, float, bool, list
 or dict, so `torch.load(path)` works under PyTorch's default `weights_only=True`.
 """
 import os
@@ -10,7 +12,7 @@ import pickle
 
 import torch
 
-from model import strip_wrapper_prefixes
+from model import first_line, strip_wrapper_prefixes
 
 REQUIRED_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "class_names", "config")
 
@@ -37,26 +39,53 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, permission denied, file too large: the old file stays
+        remove_quietly(tmp)
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
+                              f"checkpoint there is untouched; free space or pick another --checkpoint_dir") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_quietly(tmp)
         raise
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def rng_state():
+    """This process's torch RNG states as tensors (augmentation has its own per-sample seeds; only
+    dropout-like layers draw from these)."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"])
 
 
 def load_checkpoint(path):
     """Load a checkpoint safely; refuse anything that is not a plain-data checkpoint dict."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (the file is empty)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than plain data "
-            f"(weights_only=True rejected it: {str(exc).splitlines()[0][:200]}); "
+            f"(weights_only=True rejected it: {first_line(exc)}); "
             "only load checkpoints from sources you trust, re-saved as plain state dicts") from None
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a training checkpoint of this project "
                               f"(expected keys {', '.join(REQUIRED_KEYS)})")

@@ -31,13 +31,17 @@ def build_parser():
     data.add_argument("--min_crop_scale", type=float, default=0.08,
                       help="smallest image area fraction a random resized crop keeps")
     data.add_argument("--hflip_prob", type=float, default=0.5, help="probability of a horizontal flip")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="skip unreadable image files with a warning (counted in the history) "
+                           "instead of stopping with an error that names the file")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18",
                        help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) "
                             "or tiny_cnn; its head is replaced for the dataset's classes")
     model.add_argument("--pretrained_weights", default=None, metavar="PATH",
-                       help="local weights file to start from (the head is re-initialised)")
+                       help="local weights file to start from; its classification head is kept only "
+                            "if it has as many classes as the dataset")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=50, help="number of training epochs")
@@ -52,6 +56,9 @@ def build_parser():
     optim.add_argument("--max_grad_norm", type=float, default=0.0,
                        help="clip the gradient norm to this value; 0 disables clipping (the norm is always reported)")
     optim.add_argument("--seed", type=int, default=42, help="seed for weights, data order and augmentation")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=20,
+                       help="stop with an error after this many consecutive optimizer steps with a NaN/Inf "
+                            "loss or gradient (each such step is skipped)")
 
     precision = parser.add_argument_group("precision and distribution")
     precision.add_argument("--use_amp", action="store_true", help="automatic mixed precision (torch.amp autocast)")
@@ -59,6 +66,8 @@ def build_parser():
                            help="autocast dtype; float16 uses a GradScaler, bfloat16 needs none")
     precision.add_argument("--find_unused_parameters", action="store_true",
                            help="DDP find_unused_parameters, for models with branches unused in a step")
+    precision.add_argument("--dist_timeout_minutes", type=float, default=10.0,
+                           help="process-group timeout: a rank stuck in a collective this long fails the job")
     precision.add_argument("--distributed", action="store_true",
                            help="accepted for compatibility; distribution is detected from torchrun's environment")
 
@@ -67,6 +76,12 @@ def build_parser():
                         help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here")
     output.add_argument("--log_dir", default="logs", help="training_history.json goes here")
     output.add_argument("--resume", default=None, metavar="PATH", help="continue training from this checkpoint")
+    output.add_argument("--auto_resume", action="store_true",
+                        help="resume from checkpoint_dir/checkpoint_latest.pth when it exists (set by the "
+                             "launcher when --max_restarts > 0, so torchrun restarts continue the run)")
+    output.add_argument("--save_every_steps", type=int, default=0,
+                        help="also write checkpoint_latest.pth every N optimizer steps (0: once per epoch); "
+                             "a resume continues at the exact next batch")
     output.add_argument("--log_every_steps", type=int, default=10,
                         help="refresh the progress bar's loss, accuracy and learning rate every N optimizer steps")
     return parser
@@ -83,7 +98,8 @@ def parse_args(argv=None):
 
 
 def validate_args(args):
-    positive = ["epochs", "batch_size", "image_size", "gradient_accumulation_steps", "log_every_steps"]
+    positive = ["epochs", "batch_size", "image_size", "gradient_accumulation_steps", "log_every_steps",
+                "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -96,7 +112,9 @@ def validate_args(args):
         raise ConfigError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if not 0 < args.learning_rate <= 10:
         raise ConfigError(f"--learning_rate must be in (0, 10], got {args.learning_rate}")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+    if not 0 < args.dist_timeout_minutes <= 24 * 60:
+        raise ConfigError(f"--dist_timeout_minutes must be in (0, 1440], got {args.dist_timeout_minutes}")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if not 0 < args.min_crop_scale <= 1:

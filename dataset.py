@@ -10,13 +10,15 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -94,7 +96,7 @@ def open_rgb(path, min_size=None):
 
 
 class AugmentedImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder returning (uint8 CHW tensor, label).
+    """ImageFolder returning (uint8 CHW tensor, label, index).
 
     Training items are addressed by (epoch, index) and get a random resized crop and a
     horizontal flip drawn from `sample_seed(seed, epoch, index)`; eval items by index and get
@@ -102,20 +104,34 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """
 
     def __init__(self, root, image_size, train, seed=0, min_crop_scale=0.08, hflip_prob=0.5,
-                 fast_decode=True):
+                 fast_decode=True, skip_bad_images=False):
+        self.train = train  # read by find_classes, which ImageFolder's __init__ calls
         super().__init__(root)
+        self.skip_bad_images = skip_bad_images
         self.image_size = image_size
-        self.train = train
         self.seed = seed
         self.crop_scale = (min_crop_scale, 1.0)
         self.hflip_prob = hflip_prob
         self.fast_decode = fast_decode
 
+    def find_classes(self, directory):
+        """The same classes check_data_folders reports: hidden folders (.ipynb_checkpoints) are not classes."""
+        classes = class_folders(directory, "train" if self.train else "val")
+        return classes, {name: label for label, name in enumerate(classes)}
+
     def __getitem__(self, key):
+        """(image, label, index); None for an unreadable file when skip_bad_images is set."""
         epoch, index = key if self.train else (None, key)
         path, label = self.samples[index]
-        image = self.load_train(path, epoch, index) if self.train else self.load_eval(path)
-        return TF.pil_to_tensor(image), label
+        try:
+            image = self.load_train(path, epoch, index) if self.train else self.load_eval(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            if not self.skip_bad_images:
+                raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or pass "
+                                "--skip_bad_images to skip unreadable files") from None
+            print(f"warning: skipping unreadable image {path} ({exc})", file=sys.stderr, flush=True)
+            return None
+        return TF.pil_to_tensor(image), label, index
 
     def load_train(self, path, epoch, index):
         rng = random.Random(sample_seed(self.seed, epoch, index))
@@ -170,11 +186,29 @@ def build_datasets(args):
     class_names = check_data_folders(args.train_dir, args.val_dir)
     try:
         train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
-                                         min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob)
-        val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False)
+                                         min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
+                                         skip_bad_images=args.skip_bad_images)
+        val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False,
+                                       skip_bad_images=args.skip_bad_images)
     except FileNotFoundError as exc:  # ImageFolder: a class folder with no image files
         raise DataError(f"{exc} (supported extensions: {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})") from None
     return train_set, val_set, class_names
+
+
+def collate_readable(batch):
+    """Stack the readable samples; report how many were skipped as unreadable."""
+    readable = [sample for sample in batch if sample is not None]
+    if not readable:
+        raise DataError("every image of a batch was unreadable; check the dataset")
+    images, labels, indices = default_collate(readable)
+    return images, labels, indices, len(batch) - len(readable)
+
+
+def ignore_stop_signals(_worker_id):
+    """Workers leave SIGINT/SIGTERM to their training process, which stops them after a clean save
+    (a terminal's Ctrl-C and Slurm signal every process, workers included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
@@ -183,13 +217,18 @@ def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size,
     if sampler.num_samples < batch_size:
         raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per "
                         f"process: fewer than --batch_size {batch_size}; lower --batch_size")
+    # Own generators: creating a loader iterator then draws nothing from the global torch RNG,
+    # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, collate_fn=collate_readable,
+                  worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     # drop_last: a last batch of one sample would break batch norm at small spatial sizes.
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **common)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed), **common)
     # Unpadded shard: every val image is evaluated exactly once across ranks.
     val_indices = list(range(rank, len(val_set), world_size))
-    val_loader = DataLoader(Subset(val_set, val_indices), shuffle=False, **common)
+    val_loader = DataLoader(Subset(val_set, val_indices), shuffle=False,
+                            generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, val_loader
 
 

@@ -36,7 +36,8 @@ def build_parser():
                         help="address of node 0 (c10d rendezvous host) for multi-node jobs")
     launch.add_argument("--master_port", type=int, default=29500, help="rendezvous port on master_addr")
     launch.add_argument("--max_restarts", type=int, default=0,
-                        help="torchrun restarts of the whole worker group after a failure")
+                        help="torchrun restarts of the whole worker group after a failure; "
+                             "turns on --auto_resume so a restart continues from checkpoint_latest.pth")
     return parser
 
 
@@ -51,6 +52,8 @@ def torchrun_command(args, train_argv):
         command += ["--standalone"]
     if args.max_restarts:
         command += [f"--max_restarts={args.max_restarts}"]
+        if "--auto_resume" not in train_argv:  # a restarted worker group continues from its checkpoint
+            train_argv = train_argv + ["--auto_resume"]
     return command + [TRAIN_SCRIPT] + train_argv
 
 

@@ -25,7 +25,7 @@ def load_weights_file(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"cannot load weights file {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load weights file {path}: {first_line(exc)}") from None
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict):
@@ -33,12 +33,17 @@ def load_weights_file(path):
     return strip_wrapper_prefixes(state)
 
 
+def first_line(exc):
+    """An exception's first message line, or its type name when it has no message (EOFError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def strip_wrapper_prefixes(state_dict):
-    """Remove the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
+    """Remove `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting order."""
     def clean(key):
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         return key
     return {clean(k): v for k, v in state_dict.items()}
 
@@ -87,25 +92,33 @@ class TinyCNN(nn.Module):
 
 
 def load_backbone_weights(model, state_dict, source):
-    """Load pretrained weights except the classification head, which the caller replaces."""
-    head = {k for k, v in model.state_dict().items() if k in state_dict and v.shape != state_dict[k].shape}
+    """Load pretrained weights into `model`. Only the classification head (the last linear layer)
+    may differ in shape, and is then left as initialised; any other mismatch is an error."""
+    head_keys = {f"{name}.{param}" for name in [last_linear_name(model)] for param in ("weight", "bias")}
+    own = model.state_dict()
+    mismatched = {k for k in own if k in state_dict and own[k].shape != state_dict[k].shape}
     missing, unexpected = model.load_state_dict(
-        {k: v for k, v in state_dict.items() if k not in head}, strict=False)
-    if unexpected or [k for k in missing if k not in head]:
-        raise ModelError(f"weights in {source} do not fit this model "
-                         f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
+        {k: v for k, v in state_dict.items() if k not in mismatched}, strict=False)
+    wrong = (mismatched | set(missing)) - head_keys
+    if wrong or unexpected:
+        raise ModelError(f"weights in {source} do not fit this model ({len(wrong)} tensors missing or "
+                         f"of another shape, {len(unexpected)} unexpected); were they saved from another "
+                         f"architecture? e.g. {sorted(wrong | set(unexpected))[:3]}")
+
+
+def last_linear_name(model):
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no linear head")
+    return names[-1]
 
 
 def replace_head(model, num_classes):
     """Swap the last nn.Linear of a torchvision classifier for a `num_classes`-way one."""
-    parent, name, last = None, None, None
-    for module_name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                parent, name, last = module, child_name, child
-    if last is None:
-        raise ModelError(f"{type(model).__name__} has no linear head to replace")
-    setattr(parent, name, nn.Linear(last.in_features, num_classes))
+    path = last_linear_name(model).split(".")
+    parent = model.get_submodule(".".join(path[:-1]))
+    old = getattr(parent, path[-1])
+    setattr(parent, path[-1], nn.Linear(old.in_features, num_classes))
 
 
 def available_models():

@@ -5,6 +5,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +30,7 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup_distributed(timeout_minutes=30.0):
+def setup_distributed(timeout_minutes=10.0):
     """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU).
 
     Run without torchrun it is one process and no process group.
@@ -43,8 +44,14 @@ def setup_distributed(timeout_minutes=30.0):
     else:
         device = torch.device("cpu")
     if world_size > 1:
+        timeout = timedelta(minutes=timeout_minutes)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across worker-group restarts: without a per-attempt prefix a
+        # restarted group reads the dead workers' addresses and fails to connect (pytorch#167288).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes),
+                                store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistContext(rank, local_rank, world_size, device)
 
@@ -59,6 +66,43 @@ def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flag, device):
+    """One collective decision from a local observation: True on every rank if True on any.
+
+    Early stops (signal, non-finite abort) go through here at the same step on every rank, so no
+    rank is left waiting in a collective the others skipped."""
+    value = torch.tensor(float(flag), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_from_ranks(obj):
+    """Every rank's `obj`, as a list in rank order (a one-element list in a one-process run)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class StopRequest:
+    """SIGTERM/SIGINT only record the request here; the loop acts on it at a step boundary,
+    after an all-reduced decision, so every rank saves and exits at the same step."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.record)
+
+    def record(self, signum, _frame):
+        self.signal = signum
+
+    @property
+    def requested(self):
+        return self.signal is not None
 
 
 def broadcast_buffers(module, src=0):
@@ -92,7 +136,7 @@ def new_history():
 
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "learning_rate",
-                "epoch_seconds", "samples_per_second")
+                "epoch_seconds", "samples_per_second", "skipped_images", "nonfinite_steps")
 
 
 def append_history(history, record):
@@ -134,6 +178,8 @@ def main(argv=None):
     try:
         with open(args.history) as f:
             history = json.load(f)
+        if not isinstance(history, dict):
+            raise ValueError("expected a JSON object of per-epoch lists")
         missing = [k for k in HISTORY_KEYS if k not in history]
         if missing:
             raise ValueError(f"missing keys {missing}")

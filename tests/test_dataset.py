@@ -3,6 +3,7 @@ import argparse
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 
@@ -13,7 +14,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResizedCrop, Resize
 from torchvision.transforms import InterpolationMode
 
-from conftest import CLASSES, write_image_folder
+from conftest import CLASSES
 from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      EpochTaggedSampler, build_datasets, build_loaders, check_data_folders, normalize,
                      open_rgb, prepare_digits_demo, random_resized_crop_box, sample_seed)
@@ -24,7 +25,8 @@ def box_for(width, height, seed, epoch, index, scale=(0.08, 1.0)):
 
 
 def fallback_box(width, height):
-    """torchvision's fallback, written out: the largest central crop within CROP_RATIO."""
+    """torchvision's fallback (the largest central crop within CROP_RATIO): get_params with a
+    scale no crop can reach."""
     return torchvision_params(width, height, scale=(2.0, 2.0))  # an impossible scale: always fallback
 
 
@@ -35,18 +37,30 @@ def torchvision_params(width, height, scale):
 
 def data_args(data, **overrides):
     args = dict(train_dir=data["train_dir"], val_dir=data["val_dir"], image_size=16, seed=0,
-                min_crop_scale=0.08, hflip_prob=0.5)
+                min_crop_scale=0.08, hflip_prob=0.5, skip_bad_images=False)
     args.update(overrides)
     return argparse.Namespace(**args)
 
 
 def collect(loader):
-    return [(images.clone(), labels.clone()) for images, labels in loader]
+    """Every batch as (images, labels, dataset indices); no image of the test data is unreadable."""
+    batches = []
+    for images, labels, indices, skipped in loader:
+        assert skipped == 0
+        batches.append((images.clone(), labels.clone(), indices.clone()))
+    return batches
 
 
-def as_multiset(images, labels):
-    """A batch as a sorted list of (label, pixel bytes): order-free, exact comparison."""
-    return sorted((int(label), image.numpy().tobytes()) for image, label in zip(images, labels))
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for batch_a, batch_b in zip(first, second):
+        for a, b in zip(batch_a, batch_b):
+            assert torch.equal(a, b)
+
+
+def as_multiset(images, labels, indices):
+    """A batch as a sorted list of (index, label, pixel bytes): order-free, exact comparison."""
+    return sorted((int(i), int(label), image.numpy().tobytes()) for image, label, i in zip(images, labels, indices))
 
 
 # ------------------------------------------------------------------ random_resized_crop_box
@@ -118,9 +132,9 @@ def test_train_items_are_a_function_of_epoch_and_index(tiny_data):
     a = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=3)
     b = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=3)
     for index in (0, 5, 23):
-        image, label = a[(2, index)]
+        image, label, item_index = a[(2, index)]
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-        assert label == a.samples[index][1]
+        assert label == a.samples[index][1] and item_index == index
         assert torch.equal(image, b[(2, index)][0])
         assert torch.equal(image, a[(2, index)][0])  # asking twice changes nothing
     changed = sum(not torch.equal(a[(2, i)][0], a[(3, i)][0]) for i in range(24))
@@ -139,9 +153,9 @@ def test_eval_items_are_torchvisions_resize_and_center_crop(tiny_data):
     reference = Compose([Resize(18, interpolation=InterpolationMode.BILINEAR), CenterCrop(16), PILToTensor()])
     assert len(val_set) == 8
     for index in range(len(val_set)):
-        image, label = val_set[index]
+        image, label, item_index = val_set[index]
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-        assert label == val_set.samples[index][1]
+        assert label == val_set.samples[index][1] and item_index == index
         assert torch.equal(image, val_set[index][0])
         with Image.open(val_set.samples[index][0]) as raw:  # PNG: no draft decoding involved
             assert torch.equal(image, reference(raw.convert("RGB")))
@@ -169,10 +183,30 @@ def test_grayscale_rgba_palette_cmyk_and_upper_case_jpg_load_as_rgb(tmp_path, tr
     names = [os.path.basename(path) for path, _ in dataset.samples]
     assert sorted(names) == sorted(expected)  # .JPG is found like .jpg
     for index, name in enumerate(names):
-        image, _ = dataset[(0, index) if train else index]
+        image = dataset[(0, index) if train else index][0]
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8, name
         centre = image[:, 8, 8].tolist()
         assert all(abs(got - want) <= 6 for got, want in zip(centre, expected[name])), (name, centre)
+
+
+def test_unreadable_image_is_a_data_error_naming_the_file_unless_skipping_is_asked(tiny_data, capsys):
+    bad = os.path.join(tiny_data["train_dir"], "square", "bad.png")
+    open(bad, "wb").write(b"not a png at all")
+    strict = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
+    index = [path for path, _ in strict.samples].index(bad)
+    with pytest.raises(DataError) as error:
+        strict[(0, index)]
+    assert f"cannot read image {bad}" in str(error.value) and "--skip_bad_images" in str(error.value)
+
+    lenient = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, skip_bad_images=True)
+    assert lenient[(0, index)] is None
+    assert f"skipping unreadable image {bad}" in capsys.readouterr().err
+    loader, _ = build_loaders(lenient, lenient, 5, 0, 0, 1, seed=0, pin_memory=False)
+    loader.sampler.set_epoch(0)
+    batches = list(loader)  # 25 files, batches of 5: the bad one is left out of its batch
+    assert sum(skipped for *_, skipped in batches) == 1
+    seen = sorted(i for _, _, indices, _ in batches for i in indices.tolist())
+    assert seen == sorted(set(range(25)) - {index})
 
 
 def write_large_jpeg(path):
@@ -240,8 +274,9 @@ def test_loader_resumed_mid_epoch_yields_the_remaining_batches(tiny_data):
     loader.sampler.set_epoch(3, start=8)
     rest = collect(loader)
     assert len(full) == 6 and len(rest) == len(loader) == 4
-    for (a, la), (b, lb) in zip(full[2:], rest):
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert_same_batches(full[2:], rest)
+    loader.sampler.set_epoch(3)
+    assert torch.cat([indices for _, _, indices in full]).tolist() == [i for _, i in loader.sampler]
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(tiny_data):
@@ -259,8 +294,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(tiny_data):
         del train_loader, val_loader  # stop the persistent workers
     assert [len(r) for r in results[0]] == [6, 6, 2]
     for run0, run2 in zip(results[0], results[2]):
-        for (a, la), (b, lb) in zip(run0, run2):
-            assert torch.equal(a, b) and torch.equal(la, lb)
+        assert_same_batches(run0, run2)
     assert not torch.equal(results[0][0][0][0], results[0][1][0][0])  # epochs differ
 
 
@@ -277,9 +311,9 @@ def test_two_ranks_of_batch_b_see_exactly_one_rank_of_batch_2b(tiny_data, epoch)
     one = batches(8, 0, 1)
     rank0, rank1 = batches(4, 0, 2), batches(4, 1, 2)
     assert len(one) == len(rank0) == len(rank1) == 3
-    for (big, big_labels), (a, la), (b, lb) in zip(one, rank0, rank1):
-        union = as_multiset(torch.cat([a, b]), torch.cat([la, lb]))
-        assert union == as_multiset(big, big_labels)
+    for big, a, b in zip(one, rank0, rank1):
+        union = as_multiset(*(torch.cat([x, y]) for x, y in zip(a, b)))
+        assert union == as_multiset(*big)
 
 
 def test_val_shards_cover_every_image_exactly_once(tiny_data):
@@ -287,10 +321,10 @@ def test_val_shards_cover_every_image_exactly_once(tiny_data):
     everything = []
     for rank in range(3):
         _, val_loader = build_loaders(val_set, val_set, 2, 0, rank, 3, seed=0, pin_memory=False)
-        everything += [x for images, labels in val_loader for x in as_multiset(images, labels)]
+        everything += [x for batch in collect(val_loader) for x in as_multiset(*batch)]
     _, single = build_loaders(val_set, val_set, 2, 0, 0, 1, seed=0, pin_memory=False)
-    assert sorted(everything) == sorted(x for images, labels in single for x in as_multiset(images, labels))
-    assert len(everything) == 8
+    assert sorted(everything) == sorted(x for batch in collect(single) for x in as_multiset(*batch))
+    assert [index for index, _, _ in sorted(everything)] == list(range(8))
 
 
 def test_loader_refuses_a_batch_larger_than_a_ranks_shard(tiny_data):
@@ -313,13 +347,13 @@ def test_check_data_folders_errors_name_the_problem_and_the_fix(tiny_data, tmp_p
         check_data_folders(train, "/nonexistent/val")
     a_file = tmp_path / "train.txt"
     a_file.write_text("not a folder")
-    with pytest.raises(DataError, match=f"train folder is not a directory: {a_file}"):
+    with pytest.raises(DataError, match=re.escape(f"train folder is not a directory: {a_file}")):
         check_data_folders(str(a_file), val)
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(f"{train}/circle/000.png", flat / "000.png")
-    with pytest.raises(DataError, match=f"train folder {flat} has no class sub-folders; "
-                                        f"expected {flat}/<class_name>/<image files>"):
+    with pytest.raises(DataError, match=re.escape(f"train folder {flat} has no class sub-folders; "
+                                                  f"expected {flat}/<class_name>/<image files>")):
         check_data_folders(str(flat), val)
     os.rename(f"{val}/square", f"{val}/rectangle")
     with pytest.raises(DataError) as error:
@@ -352,12 +386,15 @@ def test_build_datasets_labels_match_the_class_names(tiny_data):
         assert class_names[label] == os.path.basename(os.path.dirname(path))
 
 
-def test_hidden_folders_are_ignored_by_the_dataset_as_by_the_class_check(tiny_data):
+@pytest.mark.parametrize("with_image", [False, True])
+def test_hidden_folders_are_ignored_by_the_dataset_as_by_the_class_check(tiny_data, with_image):
     # check_data_folders skips hidden folders (.ipynb_checkpoints, .cache, ...); the datasets
-    # must then use the same classes, or every label is shifted against class_names.
+    # must use the same classes: an empty hidden folder must not be an error, and one with an
+    # image must not become class 0 and shift every label against class_names.
     for root in (tiny_data["train_dir"], tiny_data["val_dir"]):
         os.makedirs(f"{root}/.ipynb_checkpoints")
-        shutil.copy(f"{root}/circle/000.png", f"{root}/.ipynb_checkpoints/000-checkpoint.png")
+        if with_image:
+            shutil.copy(f"{root}/circle/000.png", f"{root}/.ipynb_checkpoints/000-checkpoint.png")
     train_set, val_set, class_names = build_datasets(data_args(tiny_data))
     assert class_names == list(CLASSES)
     assert train_set.classes == class_names and val_set.classes == class_names

@@ -1,0 +1,216 @@
+"""model.py: torchvision-compatible ResNet-18, offline-only pretrained weights, the model builder."""
+import os
+import re
+import time
+import urllib.request
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from model import (RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model,
+                   load_weights_file, strip_wrapper_prefixes)
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_weights(tmp_path_factory):
+    """A torchvision resnet18 state dict (1000 classes, seeded random init) saved to a file."""
+    torch.manual_seed(1234)
+    state = torchvision.models.resnet18().state_dict()
+    path = str(tmp_path_factory.mktemp("weights") / RESNET18_IMAGENET_FILE)
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt fails the test instead of hanging on a machine without network."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def assert_backbone_loaded(model, state, head=("fc.weight", "fc.bias")):
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if key not in head:
+            assert torch.equal(loaded[key], value), f"{key} was not loaded"
+
+
+# ------------------------------------------------------------------ ResNet18Animals90
+
+def test_resnet18_animals90_has_torchvisions_keys_and_a_90_way_head():
+    model = ResNet18Animals90(num_classes=90, pretrained=False)
+    reference = torchvision.models.resnet18(num_classes=90)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 90 and model.fc.in_features == 512
+    for key, value in model.state_dict().items():
+        assert value.shape == reference.state_dict()[key].shape, key
+    assert reference.load_state_dict(model.state_dict(), strict=True).missing_keys == []
+    model.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)  # same network, same output
+    assert model(x).shape == (2, 90)
+
+
+def test_resnet18_pretrained_without_local_weights_is_a_clear_error_not_a_download(monkeypatch, tmp_path,
+                                                                                    no_network):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(ModelError) as error:
+        ResNet18Animals90(num_classes=90, pretrained=True)
+    assert time.perf_counter() - start < 5
+    message = str(error.value)
+    assert "--pretrained_weights" in message and RESNET18_IMAGENET_FILE in message
+    assert os.path.join(str(tmp_path), "checkpoints") in message
+
+
+def test_resnet18_pretrained_loads_every_backbone_weight_and_a_fresh_head(imagenet_like_weights, no_network):
+    path, state = imagenet_like_weights
+    model = ResNet18Animals90(num_classes=90, pretrained=True, weights_path=path)
+    assert_backbone_loaded(model, state)
+    assert model.fc.weight.shape == (90, 512) and model.fc.bias.shape == (90,)
+    assert not torch.equal(model.fc.weight, state["fc.weight"][:90])
+    assert model.fc.weight.requires_grad
+
+
+def test_resnet18_pretrained_finds_the_weights_in_torch_hubs_cache(imagenet_like_weights, monkeypatch,
+                                                                   tmp_path, no_network):
+    path, state = imagenet_like_weights
+    os.makedirs(tmp_path / "checkpoints")
+    os.symlink(path, tmp_path / "checkpoints" / RESNET18_IMAGENET_FILE)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = ResNet18Animals90(num_classes=5, pretrained=True)
+    assert_backbone_loaded(model, state)
+    assert model.fc.out_features == 5
+
+
+# ------------------------------------------------------------------ build_model
+
+def test_build_model_resnet18_is_resnet18_animals90_with_the_asked_head():
+    model = build_model("resnet18", 7)
+    assert type(model) is ResNet18Animals90 and model.fc.out_features == 7
+    assert type(build_model("tiny_cnn", 4)) is TinyCNN
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_build_model_replaces_the_head_of_a_torchvision_classifier(name):
+    torch.manual_seed(0)
+    model = build_model(name, 7)
+    reference = torchvision.models.get_model(name)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    reference_linears = [m for m in reference.modules() if isinstance(m, nn.Linear)]
+    assert linears[-1].out_features == 7 and linears[-1].in_features == reference_linears[-1].in_features
+    for ours, theirs in zip(linears[:-1], reference_linears[:-1]):  # only the last one changes
+        assert (ours.in_features, ours.out_features) == (theirs.in_features, theirs.out_features)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_build_model_unknown_name_lists_the_choices():
+    with pytest.raises(ModelError) as error:
+        build_model("resnet_9000", 3)
+    message = str(error.value)
+    assert "unknown model 'resnet_9000'" in message
+    for choice in ("tiny_cnn", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0"):
+        assert choice in message
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_pretrained_weights_with_wrapper_prefixes_load_into_the_plain_model(tmp_path, prefix):
+    torch.manual_seed(3)
+    source = TinyCNN(num_classes=10).state_dict()
+    path = str(tmp_path / "weights.pth")
+    torch.save({prefix + key: value for key, value in source.items()}, path)
+    torch.manual_seed(4)
+    model = build_model("tiny_cnn", 10, pretrained_weights=path)
+    assert_backbone_loaded(model, source, head=())
+
+
+def test_pretrained_weights_may_be_a_training_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    source = TinyCNN(num_classes=3).state_dict()
+    path = str(tmp_path / "checkpoint_best.pth")
+    torch.save(dict(model_state_dict=source, epoch=3, class_names=["a", "b", "c"], config={}), path)
+    model = build_model("tiny_cnn", 6, pretrained_weights=path)  # another class count: head stays new
+    assert_backbone_loaded(model, source)
+    assert model.fc.out_features == 6
+
+
+def test_build_model_resnet18_from_imagenet_weights_keeps_backbone_and_new_head(imagenet_like_weights):
+    path, state = imagenet_like_weights
+    model = build_model("resnet18", 7, pretrained_weights=path)
+    assert_backbone_loaded(model, state)
+    assert model.fc.out_features == 7
+
+
+def test_weights_of_another_architecture_are_refused(imagenet_like_weights, tmp_path):
+    path, _ = imagenet_like_weights
+    tiny = str(tmp_path / "tiny.pth")
+    torch.save(TinyCNN(num_classes=3).state_dict(), tiny)
+    with pytest.raises(ModelError, match=re.escape(f"weights in {tiny} do not fit this model")):
+        build_model("resnet18", 3, pretrained_weights=tiny)
+    with pytest.raises(ModelError, match="do not fit this model"):
+        build_model("mobilenet_v3_small", 3, pretrained_weights=path)
+    with pytest.raises(ModelError, match="do not fit this model"):
+        build_model("tiny_cnn", 3, pretrained_weights=path)
+
+
+def test_weights_with_the_same_keys_but_other_layer_shapes_are_refused(tmp_path):
+    # shufflenet_v2_x0_5 and _x1_0 share every key name but differ in channel widths: only
+    # the head may differ in shape; a backbone that does not fit must not be skipped silently.
+    path = str(tmp_path / "shufflenet_x0_5.pth")
+    torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), path)
+    with pytest.raises(ModelError, match="do not fit this model"):
+        build_model("shufflenet_v2_x1_0", 7, pretrained_weights=path)
+
+
+def test_unusable_weights_files_are_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="weights file not found: /nonexistent.pth"):
+        build_model("tiny_cnn", 3, pretrained_weights="/nonexistent.pth")
+    text = tmp_path / "weights.txt"
+    text.write_text("these are not weights\n")
+    with pytest.raises(ModelError, match=re.escape(f"cannot load weights file {text}")):
+        load_weights_file(str(text))
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], listing)
+    with pytest.raises(ModelError, match="does not hold a state dict"):
+        load_weights_file(str(listing))
+
+
+def test_empty_weights_file_is_a_model_error(tmp_path):
+    empty = tmp_path / "empty.pth"  # e.g. an interrupted download
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match=re.escape(f"cannot load weights file {empty}")):
+        load_weights_file(str(empty))
+
+
+# ------------------------------------------------------------------ strip_wrapper_prefixes
+
+def test_strip_wrapper_prefixes_removes_ddp_and_compile_prefixes_only_at_the_start():
+    value = torch.ones(1)
+    state = {"module.conv1.weight": value, "_orig_mod.fc.bias": 2, "module._orig_mod.layer1.0.bn1.weight": 3,
+             "module.module.x": 4, "bn.running_mean": 5, "layer.module.y": 6, "mymodule.z": 7}
+    assert strip_wrapper_prefixes(state) == {
+        "conv1.weight": value, "fc.bias": 2, "layer1.0.bn1.weight": 3, "x": 4, "bn.running_mean": 5,
+        "layer.module.y": 6, "mymodule.z": 7}
+    assert strip_wrapper_prefixes(state)["conv1.weight"] is value  # tensors are not copied
+    assert list(strip_wrapper_prefixes(state))[:2] == ["conv1.weight", "fc.bias"]  # order kept
+
+
+def test_strip_wrapper_prefixes_handles_torch_compile_of_a_ddp_model():
+    # torch.compile(DDP(model)).state_dict() has keys `_orig_mod.module.<name>`.
+    model = TinyCNN(num_classes=2)
+    wrapped = nn.Module()
+    wrapped.module = model
+    compiled = torch.compile(wrapped)
+    keys = list(compiled.state_dict())
+    assert keys[0] == "_orig_mod.module.features.0.weight"
+    assert list(strip_wrapper_prefixes(compiled.state_dict())) == list(model.state_dict())
+
