@@ -79,10 +79,12 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a pickle at all (text, random bytes)
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from None
         raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects other than plain data "
-            f"(weights_only=True rejected it: {first_line(exc)}); "
-            "only load checkpoints from sources you trust, re-saved as plain state dicts") from None
+            f"refusing to load {path}: it holds pickled objects other than plain data, which "
+            f"could run code ({first_line(exc)}); only load checkpoints from sources you trust, "
+            "re-saved as plain state dicts") from None
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
                               f"({type(exc).__name__}: {first_line(exc)})") from None

@@ -10,7 +10,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 
@@ -204,11 +203,11 @@ def collate_readable(batch):
     return images, labels, indices, len(batch) - len(readable)
 
 
-def ignore_stop_signals(_worker_id):
-    """Workers leave SIGINT/SIGTERM to their training process, which stops them after a clean save
-    (a terminal's Ctrl-C and Slurm signal every process, workers included)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def leave_process_group(_worker_id):
+    """Workers move to their own session, so a terminal's Ctrl-C or a `kill` of the job's process
+    group reaches only the training process, which stops at a step boundary after a clean save
+    and then shuts its workers down itself. (Workers also exit when their parent dies.)"""
+    os.setsid()
 
 
 def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
@@ -221,7 +220,7 @@ def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size,
     # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0, collate_fn=collate_readable,
-                  worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+                  worker_init_fn=leave_process_group if num_workers > 0 else None)
     # drop_last: a last batch of one sample would break batch norm at small spatial sizes.
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(seed), **common)

@@ -17,7 +17,7 @@ LAUNCH = [sys.executable, os.path.join(REPO, "launch_ddp.py")]
 TIMING_KEYS = {"epoch_seconds", "samples_per_second"}
 # MobileNetV3-small has batch norm and dropout: the dropout masks come from the torch RNG, which
 # must be restored exactly for a resumed run to match.
-RUN = dict(model="mobilenet_v3_small", epochs=2, image_size=16, save_every_steps=1, log_every_steps=1)
+RUN = dict(model="mobilenet_v3_small", epochs=4, image_size=16, save_every_steps=1, log_every_steps=1)
 
 
 def start(args, **popen):
@@ -111,16 +111,12 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_exactly(referen
 
 def test_sigterm_to_the_launcher_saves_a_resumable_checkpoint_at_a_step_boundary(references, tmp_path):
     data = references["data"]
-    flags = data_flags(data, str(tmp_path), batch_size=2, **dict(RUN, save_every_steps=0))
+    flags = data_flags(data, str(tmp_path), batch_size=2, **RUN)
     launcher = start(LAUNCH + ["--num_gpus", "2"] + flags)
-    deadline = time.time() + 120
-    output = ""
-    while "Training mobilenet_v3_small" not in output and time.time() < deadline:
-        output += launcher.stdout.readline()
-    time.sleep(1.0)
+    wait_for_checkpoint(f"{tmp_path}/checkpoints/checkpoint_latest.pth", mid_epoch)
     sent = time.time()
     launcher.send_signal(signal.SIGTERM)
-    output += launcher.communicate(timeout=60)[0]
+    output = launcher.communicate(timeout=60)[0]
     assert time.time() - sent < 30, "not within torchrun's 30 s grace period"
     assert "Stopped by signal 15" in output, output
     saved = torch.load(f"{tmp_path}/checkpoints/checkpoint_latest.pth")
@@ -133,8 +129,8 @@ def test_a_failing_rank_ends_the_whole_job_quickly_with_its_error_visible(tiny_d
     with open(f"{tiny_data['train_dir']}/square/003.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not really a png")
     began = time.time()
-    # 25 images: 13 per rank, one batch of 13 each, so the bad file is read on one of them.
-    result = run_cli(torchrun(2, *data_flags(tiny_data, str(tmp_path), batch_size=13, num_workers=2)), check=False)
+    # 24 images: 12 per rank, one batch of 12 each, so the bad file is read on one of them.
+    result = run_cli(torchrun(2, *data_flags(tiny_data, str(tmp_path), batch_size=12, num_workers=2)), check=False)
     assert time.time() - began < 90
     assert result.returncode != 0
     assert "error: cannot read image" in result.stderr and "square/003.png" in result.stderr

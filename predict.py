@@ -1,0 +1,183 @@
+"""Classify images with a training checkpoint; model, classes and image size all come from it.
+
+    python predict.py --checkpoint checkpoints/checkpoint_best.pth photo.jpg photos/ --output preds.csv
+
+Images take training's validation path (load_eval, normalize), so a validation image gets the
+logits `evaluate` computed for it. An unreadable image is reported and listed with its error.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import functional as TF
+
+from checkpoint import CheckpointError, load_checkpoint
+from dataset import AugmentedImageFolder, normalize
+from model import ModelError, build_model, first_line, strip_wrapper_prefixes
+
+
+class UsageError(ValueError):
+    """Bad flags or inputs: reported as one `error:` line and exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump, like the other errors
+        raise UsageError(message)
+
+
+def build_parser(with_ema):
+    parser = Parser(description="Classify images (files, or folders searched recursively) with a "
+                                "training checkpoint.", allow_abbrev=False)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_ddp.py")
+    parser.add_argument("--topk", type=int, default=5, help="classes shown per image (at most all classes)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    parser.add_argument("--output", default=None, help="also write predictions to a .csv or .json file")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    if with_ema:  # only checkpoints that carry EMA weights offer the choice
+        parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                            help="the trained weights, or their exponential moving average")
+    return parser
+
+
+def parse_args(argv):
+    """The checkpoint decides which flags exist (--weights), so it is loaded before the full parse."""
+    pre = Parser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--checkpoint")
+    known, _ = pre.parse_known_args(argv)
+    checkpoint = load_checkpoint(known.checkpoint) if known.checkpoint else None
+    args = build_parser(checkpoint is not None and "ema_state_dict" in checkpoint).parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--topk and --batch_size must be at least 1, --num_workers at least 0")
+    if args.output and os.path.splitext(args.output)[1].lower() not in (".csv", ".json"):
+        raise UsageError(f"--output {args.output}: unknown format; use a name ending in .csv or .json")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):  # fail before inference
+        raise UsageError(f"--output {args.output}: its folder does not exist")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here; use --device cpu")
+    return args, checkpoint
+
+
+def find_images(inputs):
+    """Files as given (any extension: the user named them), folders searched for image extensions."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for folder, _, files in sorted(os.walk(item, followlinks=True)):
+                paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise UsageError(f"input not found: {item}")
+    if not paths:
+        raise UsageError(f"no images found in {', '.join(inputs)} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return paths
+
+
+def load_model(checkpoint, weights, device):
+    name = checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18")
+    model = build_model(name, len(checkpoint["class_names"]))
+    state = checkpoint["model_state_dict"]
+    if weights == "ema":  # an AveragedModel's state dict wraps the model in `module.` and counts updates
+        state = strip_wrapper_prefixes(checkpoint["ema_state_dict"])
+        state.pop("n_averaged", None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's weights do not fit a '{name}' model: {first_line(exc)}") from None
+    return model.to(device).eval()
+
+
+class ImageFiles(Dataset):
+    """Any image paths through AugmentedImageFolder.load_eval itself (not a copy), so preprocessing
+    can never drift from validation's. load_eval reads only image_size and fast_decode."""
+
+    def __init__(self, paths, image_size):
+        self.paths, self.image_size, self.fast_decode = paths, image_size, True
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, TF.pil_to_tensor(AugmentedImageFolder.load_eval(self, self.paths[index])), None
+        except Exception as exc:  # one broken file must not cost the other predictions
+            return index, None, first_line(exc)
+
+
+def collate(batch):
+    """Indices and a stacked uint8 batch of the readable images; {index: error} of the others."""
+    readable = [(i, image) for i, image, _ in batch if image is not None]
+    images = torch.stack([image for _, image in readable]) if readable else None
+    return [i for i, _ in readable], images, {i: error for i, _, error in batch if error is not None}
+
+
+@torch.no_grad()
+def predict(model, paths, class_names, image_size, args, device):
+    """One result per path: {path, predictions: [{class, probability}] best first} or {path, error}."""
+    results = [None] * len(paths)
+    topk = min(args.topk, len(class_names))
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    for indices, images, errors in loader:
+        for i, error in errors.items():
+            print(f"warning: cannot read image {paths[i]} ({error})", file=sys.stderr, flush=True)
+            results[i] = dict(path=paths[i], predictions=[], error=error)
+        if images is None:
+            continue
+        # float32, as validation without --use_amp: probabilities must not depend on autocast.
+        probs = model(normalize(images.to(device, non_blocking=True))).float().softmax(dim=1)
+        top_p, top_i = probs.topk(topk, dim=1)
+        for i, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
+            results[i] = dict(path=paths[i], predictions=[
+                {"class": class_names[c], "probability": p} for c, p in zip(i_row, p_row)])
+    return results
+
+
+def print_table(results):
+    width = max(len(r["path"]) for r in results)
+    for r in results:
+        cells = [f"{p['class']}:{p['probability']:.4f}" for p in r["predictions"]]
+        print(f"{r['path']:<{width}}  {'ERROR: ' + r['error'] if 'error' in r else '  '.join(cells)}")
+
+
+def write_output(results, path):
+    with open(path, "w", newline="") as f:
+        if path.lower().endswith(".json"):
+            json.dump(results, f, indent=1)
+            return
+        writer = csv.writer(f)
+        writer.writerow(["path", "rank", "class", "probability", "error"])
+        for r in results:
+            if "error" in r:
+                writer.writerow([r["path"], "", "", "", r["error"]])
+            for rank, p in enumerate(r["predictions"], start=1):
+                writer.writerow([r["path"], rank, p["class"], repr(p["probability"]), ""])
+
+
+def main(argv=None):
+    try:
+        args, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        paths = find_images(args.inputs)
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        # load_checkpoint maps to the CPU; the model then moves to the chosen device once.
+        model = load_model(checkpoint, getattr(args, "weights", "model"), device)
+        results = predict(model, paths, checkpoint["class_names"], checkpoint["config"].get("image_size", 224),
+                          args, device)
+        print_table(results)
+        if args.output:
+            write_output(results, args.output)
+    except (UsageError, CheckpointError, ModelError, OSError) as exc:  # OSError: --output not writable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

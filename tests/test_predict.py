@@ -1,0 +1,170 @@
+"""predict.py: real checkpoints from the training CLI, real images, the real prediction CLI."""
+import csv
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import predict
+from conftest import CLASSES, REPO, data_flags, run_cli, train_cmd, write_image_folder
+from dataset import AugmentedImageFolder, normalize
+from model import build_model
+
+PREDICT = [sys.executable, os.path.join(REPO, "predict.py")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The conftest tiny dataset (val: 8 images), and checkpoints of a tiny_cnn and a resnet18."""
+    root = tmp_path_factory.mktemp("predict")
+    data = dict(train_dir=write_image_folder(str(root / "data" / "train"), per_class=8),
+                val_dir=write_image_folder(str(root / "data" / "val"), per_class=3, seed=1))
+    os.remove(os.path.join(data["val_dir"], "square", "002.png"))
+    run_cli(train_cmd(*data_flags(data, f"{root}/tiny", model="tiny_cnn", epochs=2)))
+    run_cli(train_cmd(*data_flags(data, f"{root}/resnet", model="resnet18", epochs=1)))
+    return dict(data, root=root, tiny=f"{root}/tiny/checkpoints/checkpoint_best.pth",
+                resnet=f"{root}/resnet/checkpoints/checkpoint_best.pth")
+
+
+def validation_probabilities(checkpoint_path, val_dir):
+    """{path: softmax over classes} computed as training's `evaluate` does, one image at a time."""
+    checkpoint = torch.load(checkpoint_path)
+    model = build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    model.eval()
+    val_set = AugmentedImageFolder(val_dir, checkpoint["config"]["image_size"], train=False)
+    with torch.no_grad():
+        return {path: model(normalize(val_set[i][0][None])).softmax(dim=1)[0].tolist()
+                for i, (path, _) in enumerate(val_set.samples)}
+
+
+def run_predict(*args, check=True):
+    return run_cli(PREDICT + [str(a) for a in args], timeout=120, check=check)
+
+
+def test_folder_predictions_equal_the_validation_computation(trained, tmp_path):
+    out = tmp_path / "preds.json"
+    result = run_predict("--checkpoint", trained["tiny"], trained["val_dir"], "--topk", 10, "--output", out)
+    preds = json.loads(out.read_text())
+    expected = validation_probabilities(trained["tiny"], trained["val_dir"])
+    assert [p["path"] for p in preds] == sorted(expected)  # every val image once, in path order
+    for p in preds:
+        assert len(p["predictions"]) == len(CLASSES)  # --topk 10 clipped to the 3 classes
+        probs = [q["probability"] for q in p["predictions"]]
+        assert probs == sorted(probs, reverse=True)
+        assert sum(probs) == pytest.approx(1, abs=1e-6)
+        for q in p["predictions"]:
+            assert q["probability"] == pytest.approx(expected[p["path"]][CLASSES.index(q["class"])], abs=1e-6)
+        assert p["predictions"][0]["class"] == CLASSES[max(range(3), key=expected[p["path"]].__getitem__)]
+    table = result.stdout.splitlines()
+    assert len(table) == 8 and all(line.startswith(p["path"]) for line, p in zip(table, preds))
+
+
+def test_csv_output_for_files_and_folders(trained, tmp_path):
+    one_file = os.path.join(trained["val_dir"], "circle", "000.png")
+    out = tmp_path / "preds.csv"
+    run_predict("--checkpoint", trained["tiny"], one_file, os.path.join(trained["val_dir"], "square"),
+                "--topk", 2, "--batch_size", 1, "--output", out)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "rank", "class", "probability", "error"]
+    assert len(rows) == 3 * 2  # (1 file + 2 square images) x top-2
+    assert [r["rank"] for r in rows] == ["1", "2"] * 3
+    assert rows[0]["path"] == rows[1]["path"] == one_file
+    assert all(r["class"] in CLASSES and 0 < float(r["probability"]) < 1 and r["error"] == "" for r in rows)
+
+
+def test_unreadable_images_are_reported_and_the_rest_predicted(trained, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(trained["val_dir"], folder)
+    (folder / "circle" / "broken.jpg").write_bytes(b"not an image")
+    png = (folder / "circle" / "000.png").read_bytes()
+    (folder / "square" / "truncated.png").write_bytes(png[:len(png) // 2])
+    shutil.copy(folder / "triangle" / "000.png", folder / "triangle" / "UPPER.PNG")  # extension case
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "preds.csv"
+    result = run_predict("--checkpoint", trained["tiny"], folder, "--output", out,
+                         "--batch_size", 3, "--num_workers", 2)  # bad and good images share batches
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "broken.jpg" in warnings[0] and "truncated.png" in warnings[1]
+    rows = list(csv.DictReader(out.open()))
+    errors = [r for r in rows if r["error"]]
+    assert sorted(os.path.basename(r["path"]) for r in errors) == ["broken.jpg", "truncated.png"]
+    assert all(r["rank"] == r["class"] == r["probability"] == "" for r in errors)
+    assert len({r["path"] for r in rows if not r["error"]}) == 9  # 8 val images + UPPER.PNG
+    assert len(result.stdout.splitlines()) == 11 and result.stdout.count("ERROR:") == 2
+
+
+def test_resnet18_checkpoint(trained, tmp_path):
+    image = os.path.join(trained["val_dir"], "triangle", "001.png")
+    out = tmp_path / "preds.json"
+    run_predict("--checkpoint", trained["resnet"], image, "--topk", 1, "--device", "auto", "--output", out)
+    [pred] = json.loads(out.read_text())
+    expected = validation_probabilities(trained["resnet"], trained["val_dir"])[image]
+    assert len(pred["predictions"]) == 1
+    assert pred["predictions"][0]["probability"] == pytest.approx(max(expected), abs=1e-6)
+
+
+def test_ema_weights_are_offered_only_by_checkpoints_that_have_them(trained, tmp_path, capsys):
+    checkpoint = torch.load(trained["tiny"])
+    ema = {f"module.{k}": v.clone() for k, v in checkpoint["model_state_dict"].items()}  # AveragedModel layout
+    ema["module.fc.bias"] += torch.tensor([0.0, 0.0, 50.0])  # EMA weights that always say "triangle"
+    ema["n_averaged"] = torch.tensor(7)
+    with_ema = str(tmp_path / "ema.pth")
+    torch.save(dict(checkpoint, ema_state_dict=ema), with_ema)
+    image = os.path.join(trained["val_dir"], "circle", "000.png")
+
+    def top1(path, *flags):
+        out = tmp_path / "p.json"
+        assert predict.main(["--checkpoint", path, image, "--output", str(out), *flags]) == 0
+        return json.loads(out.read_text())[0]["predictions"][0]
+
+    assert top1(with_ema, "--weights", "ema")["class"] == "triangle"
+    assert top1(with_ema) == top1(with_ema, "--weights", "model") == top1(trained["tiny"])
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", with_ema, "--help"])
+    assert "--weights {model,ema}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", trained["tiny"], "--help"])
+    assert "ema" not in capsys.readouterr().out.lower()
+    assert predict.main(["--checkpoint", trained["tiny"], image, "--weights", "ema"]) == 2
+    assert "error: unrecognized arguments: --weights ema" in capsys.readouterr().err
+
+
+def error_cases(trained, tmp_path):
+    text_file, not_checkpoint, empty = tmp_path / "notes.txt", tmp_path / "tensor.pth", tmp_path / "empty"
+    text_file.write_text("hello")
+    torch.save({"weights": torch.zeros(2)}, not_checkpoint)
+    empty.mkdir()
+    (empty / "readme.md").write_text("no images here")
+    val = trained["val_dir"]
+    return {
+        "missing checkpoint": (["--checkpoint", tmp_path / "nope.pth", val], "checkpoint not found"),
+        "text file as checkpoint": (["--checkpoint", text_file, val], str(text_file)),
+        "other torch file": (["--checkpoint", not_checkpoint, val], "not a training checkpoint"),
+        "no images": (["--checkpoint", trained["tiny"], empty], "no images found"),
+        "missing input": (["--checkpoint", trained["tiny"], tmp_path / "gone"], "input not found"),
+        "output format": (["--checkpoint", trained["tiny"], val, "--output", tmp_path / "p.txt"], ".csv or .json"),
+        "output folder": (["--checkpoint", trained["tiny"], val, "--output", tmp_path / "x" / "p.csv"],
+                          "folder does not exist"),
+        "topk": (["--checkpoint", trained["tiny"], val, "--topk", 0], "--topk"),
+        "no checkpoint flag": ([val], "required: --checkpoint"),
+    }
+
+
+def test_bad_input_is_one_error_line_and_exit_2(trained, tmp_path, capsys):
+    for name, (argv, message) in error_cases(trained, tmp_path).items():
+        assert predict.main([str(a) for a in argv]) == 2, name
+        captured = capsys.readouterr()
+        assert captured.out == "", name
+        assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, (name, captured.err)
+        assert message in captured.err, (name, captured.err)
+    assert not os.path.exists(tmp_path / "p.txt")
+
+
+def test_bad_input_on_the_command_line_exits_2_without_a_traceback(trained, tmp_path):
+    result = run_predict("--checkpoint", tmp_path / "nope.pth", trained["val_dir"], check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pth'}\n"
