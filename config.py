@@ -1,5 +1,6 @@
 """The training flags of train_ddp.py (and so of launch_ddp.py), their defaults and their checks."""
 import argparse
+import json
 import os
 import tempfile
 
@@ -39,6 +40,11 @@ def build_parser():
     model.add_argument("--model", default="resnet18",
                        help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) "
                             "or tiny_cnn; its head is replaced for the dataset's classes")
+    model.add_argument("--sync_bn", action="store_true",
+                       help="SyncBatchNorm across processes (CUDA only; ignored with a note on CPU)")
+    model.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the training model; checkpoints still load into an uncompiled model")
     model.add_argument("--pretrained_weights", default=None, metavar="PATH",
                        help="local weights file to start from; its classification head is kept only "
                             "if it has as many classes as the dataset")
@@ -47,15 +53,26 @@ def build_parser():
     optim.add_argument("--epochs", type=int, default=50, help="number of training epochs")
     optim.add_argument("--batch_size", type=int, default=32, help="batch size per process")
     optim.add_argument("--learning_rate", type=float, default=0.001, help="peak learning rate")
-    optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--lr_scheduler", choices=["none", "cosine"], default="cosine",
+    optim.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer (fused implementation)")
+    optim.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    optim.add_argument("--scale_lr", choices=["none", "linear", "sqrt"], default="none",
+                       help="scale --learning_rate by the number of processes (linear) or its square root")
+    optim.add_argument("--lr_scheduler", choices=["none", "cosine", "step"], default="cosine",
                        help="learning-rate schedule, stepped per optimizer step")
+    optim.add_argument("--lr_step_epochs", type=int, default=30, help="step schedule: decay every N epochs")
+    optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor")
     optim.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, in optimizer steps")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="micro-batches per optimizer step; the gradient all-reduce runs on the last only")
     optim.add_argument("--max_grad_norm", type=float, default=0.0,
                        help="clip the gradient norm to this value; 0 disables clipping (the norm is always reported)")
     optim.add_argument("--seed", type=int, default=42, help="seed for weights, data order and augmentation")
+    optim.add_argument("--use_ema", action="store_true",
+                       help="keep an exponential moving average of the weights (torch AveragedModel); "
+                            "it is validated, monitored and saved as ema_state_dict")
+    optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step")
     optim.add_argument("--max_nonfinite_steps", type=int, default=20,
                        help="stop with an error after this many consecutive optimizer steps with a NaN/Inf "
                             "loss or gradient (each such step is skipped)")
@@ -71,7 +88,27 @@ def build_parser():
     precision.add_argument("--distributed", action="store_true",
                            help="accepted for compatibility; distribution is detected from torchrun's environment")
 
+    debug = parser.add_argument_group("debugging (as in Lightning)")
+    debug.add_argument("--fast_dev_run", action="store_true",
+                       help="one train and one val batch per process, no checkpoint or log files, then exit")
+    debug.add_argument("--overfit_batches", type=int, default=0,
+                       help="train and validate on the same N batches (fixed images, no augmentation)")
+    debug.add_argument("--limit_train_batches", type=int, default=0, help="at most N training batches per epoch (0: all)")
+    debug.add_argument("--limit_val_batches", type=int, default=0, help="at most N validation batches per process (0: all)")
+    debug.add_argument("--num_sanity_val_steps", type=int, default=2,
+                       help="validation batches run before training, so a broken validation fails in seconds (0: off)")
+
     output = parser.add_argument_group("checkpoints and logs")
+    output.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of flag values (keys are flag names); command-line flags win")
+    output.add_argument("--monitor", choices=["val_acc", "val_loss"], default="val_acc",
+                        help="metric for checkpoint_best.pth, --save_top_k and early stopping")
+    output.add_argument("--early_stopping_patience", type=int, default=0,
+                        help="stop after N epochs without improvement of --monitor (0: off)")
+    output.add_argument("--early_stopping_min_delta", type=float, default=0.0,
+                        help="smallest change of --monitor that counts as an improvement")
+    output.add_argument("--save_top_k", type=int, default=0,
+                        help="also keep the K best checkpoints by --monitor as checkpoint_epochNNN.pth")
     output.add_argument("--checkpoint_dir", default="checkpoints",
                         help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here")
     output.add_argument("--log_dir", default="logs", help="training_history.json goes here")
@@ -83,18 +120,65 @@ def build_parser():
                         help="also write checkpoint_latest.pth every N optimizer steps (0: once per epoch); "
                              "a resume continues at the exact next batch")
     output.add_argument("--log_every_steps", type=int, default=10,
-                        help="refresh the progress bar's loss, accuracy and learning rate every N optimizer steps")
+                        help="every N optimizer steps: progress-bar and logger metrics, and the ranks' joint "
+                             "stop decisions (signals, non-finite streak); the loop's only host syncs")
+    output.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (rank 0)")
+    output.add_argument("--wandb_project", default="ddp-classify", help="WandB project")
+    output.add_argument("--wandb_name", default=None, help="WandB run name")
+    output.add_argument("--use_tensorboard", action="store_true", help="log to TensorBoard under log_dir/tensorboard")
     return parser
 
 
 def parse_args(argv=None):
+    """Flags, in increasing priority: defaults, the --demo recipe, the --config file, the command line."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.demo:  # the demo recipe fills in what the user did not set on the command line
+    first = parser.parse_args(argv)
+    if first.demo:
         parser.set_defaults(**DEMO_DEFAULTS, train_dir=f"{DEMO_DIR}/train", val_dir=f"{DEMO_DIR}/val")
-        args = parser.parse_args(argv)
+    if first.config:
+        parser.set_defaults(**read_config_file(first.config, parser))
+    args = parser.parse_args(argv)
+    if args.fast_dev_run:  # one batch each way, nothing written (checkpoints, history, loggers)
+        args.epochs, args.limit_train_batches, args.limit_val_batches, args.num_sanity_val_steps = 1, 1, 1, 0
+        args.use_wandb = args.use_tensorboard = False
     validate_args(args)
     return args
+
+
+def read_config_file(path, parser):
+    """Flag values from YAML/JSON, checked and converted like command-line values."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise ConfigError(f"cannot parse --config {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    converted = {}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config"):
+            raise ConfigError(f"--config {path}: unknown key '{key}' (keys are train_ddp.py flag names)")
+        try:
+            if action.nargs == 0:  # store_true flags
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+            elif value is not None and action.type is not None:
+                value = action.type(value)
+            if action.choices and value not in action.choices:
+                raise ValueError(f"expected one of {', '.join(action.choices)}")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--config {path}: key '{key}' = {value!r}: {exc}") from None
+        converted[key] = value
+    return converted
 
 
 def validate_args(args):
@@ -114,9 +198,17 @@ def validate_args(args):
         raise ConfigError(f"--learning_rate must be in (0, 10], got {args.learning_rate}")
     if not 0 < args.dist_timeout_minutes <= 24 * 60:
         raise ConfigError(f"--dist_timeout_minutes must be in (0, 1440], got {args.dist_timeout_minutes}")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps"):
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps", "momentum", "overfit_batches",
+                 "limit_train_batches", "limit_val_batches", "num_sanity_val_steps", "early_stopping_patience",
+                 "early_stopping_min_delta", "save_top_k"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ConfigError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0 < args.ema_decay < 1:
+        raise ConfigError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if args.lr_step_epochs < 1 or not 0 < args.lr_gamma <= 1:
+        raise ConfigError("--lr_step_epochs must be at least 1 and --lr_gamma in (0, 1]")
     if not 0 < args.min_crop_scale <= 1:
         raise ConfigError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
     if not 0 <= args.hflip_prob <= 1:

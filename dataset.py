@@ -6,6 +6,7 @@ whether the run was restarted. Images leave the workers as uint8 tensors; normal
 on the training device (`normalize`), which keeps worker output and host-to-device copies 4x
 smaller than float32.
 """
+import copy
 import math
 import os
 import random
@@ -103,9 +104,10 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """
 
     def __init__(self, root, image_size, train, seed=0, min_crop_scale=0.08, hflip_prob=0.5,
-                 fast_decode=True, skip_bad_images=False):
+                 fast_decode=True, skip_bad_images=False, augment=True):
         self.train = train  # read by find_classes, which ImageFolder's __init__ calls
         super().__init__(root)
+        self.augment = augment
         self.skip_bad_images = skip_bad_images
         self.image_size = image_size
         self.seed = seed
@@ -123,7 +125,8 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         epoch, index = key if self.train else (None, key)
         path, label = self.samples[index]
         try:
-            image = self.load_train(path, epoch, index) if self.train else self.load_eval(path)
+            augment = self.train and self.augment
+            image = self.load_train(path, epoch, index) if augment else self.load_eval(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             if not self.skip_bad_images:
                 raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or pass "
@@ -181,7 +184,7 @@ class EpochTaggedSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def build_datasets(args):
+def build_datasets(args, world_size=1):
     class_names = check_data_folders(args.train_dir, args.val_dir)
     try:
         train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
@@ -191,7 +194,21 @@ def build_datasets(args):
                                        skip_bad_images=args.skip_bad_images)
     except FileNotFoundError as exc:  # ImageFolder: a class folder with no image files
         raise DataError(f"{exc} (supported extensions: {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})") from None
+    if args.overfit_batches:
+        train_set, val_set = overfit_subset(train_set, args.overfit_batches * args.batch_size * world_size, args.seed)
     return train_set, val_set, class_names
+
+
+def overfit_subset(train_set, size, seed):
+    """A fixed random subset of the training images, unaugmented, used for both training and
+    validation: a model that cannot reach 100% on it has a bug (Lightning's overfit_batches)."""
+    chosen = sorted(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+    train_set.samples = [train_set.samples[i] for i in chosen]
+    train_set.targets = [train_set.targets[i] for i in chosen]
+    train_set.augment = False
+    val_set = copy.copy(train_set)
+    val_set.train = False
+    return train_set, val_set
 
 
 def collate_readable(batch):

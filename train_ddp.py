@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,14 @@ from torch.distributed.elastic.multiprocessing.errors import record as record_er
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_resumable, load_checkpoint, restore_rng_state,
+from checkpoint import (CheckpointError, check_resumable, load_checkpoint, remove_quietly, restore_rng_state,
                         rng_state, save_checkpoint, unwrap)
 from config import ConfigError, parse_args
 from dataset import DataError, build_datasets, build_loaders, normalize, prepare_digits_demo
+from loggers import RunLogger
 from model import ModelError, build_model
+from recipe import (build_ema, build_optimizer, build_scheduler, is_improvement, scaled_learning_rate,
+                    top_k_filename, update_top_k)
 from utils import (StopRequest, all_reduce_sum, any_rank, append_history, broadcast_buffers,
                    gather_from_ranks, main_print, new_history, setup_distributed, teardown_distributed,
                    write_json_atomic)
@@ -60,27 +64,52 @@ def report_error(exc, rank):
     return 2
 
 
+@dataclass
+class Training:
+    """The pieces one training run works with, built once by `train`."""
+    model: torch.nn.Module          # what trains: possibly DDP- and torch.compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: object                     # AveragedModel or None
+    amp_dtype: torch.dtype
+    memory_format: torch.memory_format
+    batches_per_epoch: int          # per process, after --limit_train_batches
+    logger: RunLogger
+    stop: StopRequest
+    save: object                    # save(names, partial=None): a collective call, rank 0 writes
+
+
 def train(args, ctx, stop):
+    began = time.perf_counter()
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
-    train_set, val_set, class_names = build_datasets(args)
+    train_set, val_set, class_names = build_datasets(args, ctx.world_size)
     train_loader, val_loader = build_loaders(
         train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,
         pin_memory=ctx.device.type == "cuda")
 
-    model = build_model(args.model, len(class_names), args.pretrained_weights).to(ctx.device)
-    # Fused AdamW skips an update on the device when told its gradients are not finite: no host sync.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=True)
+    model = build_model(args.model, len(class_names), args.pretrained_weights)
+    if args.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        main_print(ctx, "Note: --sync_bn needs several CUDA processes (PyTorch's SyncBatchNorm runs only on "
+                        "GPUs); each process keeps its own BatchNorm statistics here.")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(ctx.device, memory_format=memory_format)
+    learning_rate = scaled_learning_rate(args, ctx.world_size)
+    optimizer = build_optimizer(model, args, learning_rate)
     amp_dtype = getattr(torch, args.amp_dtype)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.use_amp and amp_dtype == torch.float16)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
+    batches_per_epoch = min(len(train_loader), args.limit_train_batches or len(train_loader))
+    scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    ema = build_ema(model, args.ema_decay) if args.use_ema else None
 
-    # Where the run stands: epochs completed, optimizer steps done in the next one, and the
-    # running sums of that partial epoch (one row per rank), all restored on resume.
-    run = dict(epoch=0, step=0, best_acc=0.0, history=new_history(), train_partial=None, rng=None)
+    # Where the run stands: epochs completed, optimizer steps done in the next one, the running
+    # sums of that partial epoch (one row per rank), and the epoch-level decisions so far.
+    run = dict(epoch=0, step=0, best_acc=0.0, best_metric=None, best_epoch=0, stale_epochs=0, top_k=[],
+               history=new_history(), train_partial=None, rng=None)
     resume_path = find_resume_path(args)
     if resume_path:
         checkpoint = load_checkpoint(resume_path)
@@ -89,6 +118,9 @@ def train(args, ctx, stop):
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         scaler.load_state_dict(checkpoint["scaler_state_dict"])
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        if ema is not None and "ema_state_dict" in checkpoint:
+            ema.module.load_state_dict(checkpoint["ema_state_dict"])
+            ema.n_averaged.fill_(checkpoint["ema_num_averaged"])
         run.update({key: checkpoint.get(key, run[key]) for key in run})
         restore_rng_state(run["rng"][ctx.rank % len(run["rng"])])
         main_print(ctx, f"Resumed from {resume_path}: epoch {run['epoch']} done"
@@ -98,56 +130,117 @@ def train(args, ctx, stop):
     if ctx.distributed:
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                     find_unused_parameters=args.find_unused_parameters, gradient_as_bucket_view=True)
+    if args.compile:
+        model = torch.compile(model)
     if args.use_amp and amp_dtype == torch.bfloat16 and ctx.device.type == "cpu" and ctx.is_main:
         warn_slow_cpu_bf16()
+    writes_files = not args.fast_dev_run
+    if writes_files and ctx.is_main:
+        write_json_atomic(os.path.join(args.log_dir, "config.json"), vars(args))
 
     def save(names, partial=None):
         """Checkpoint the run on rank 0. Every rank calls it: RNG states and partial sums are gathered."""
         rngs, partials = gather_from_ranks(rng_state()), gather_from_ranks(partial)
-        if not ctx.is_main:
+        if not (ctx.is_main and writes_files):
             return
         state = dict(model_state_dict=unwrap(model).state_dict(), optimizer_state_dict=optimizer.state_dict(),
                      scaler_state_dict=scaler.state_dict(), scheduler_state_dict=scheduler.state_dict(),
-                     epoch=run["epoch"], step=run["step"], best_acc=run["best_acc"], class_names=class_names,
-                     model_name=args.model, config=vars(args), history=run["history"], rng=rngs,
+                     class_names=class_names, model_name=args.model, config=vars(args), rng=rngs,
+                     **{key: run[key] for key in run if key not in ("rng", "train_partial")},
                      train_partial=partials if partial is not None else None)
+        if ema is not None:
+            state.update(ema_state_dict=ema.module.state_dict(), ema_num_averaged=int(ema.n_averaged))
         for name in names:
             save_checkpoint(state, os.path.join(args.checkpoint_dir, name))
 
+    logger = RunLogger(args, ctx)
+    training = Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, batches_per_epoch,
+                        logger, stop, save)
     effective_batch = args.batch_size * ctx.world_size * args.gradient_accumulation_steps
     main_print(ctx, f"Training {args.model} on {len(train_set)} images ({len(class_names)} classes), "
-                    f"validating on {len(val_set)}; {describe_processes(ctx)}, "
-                    f"effective batch {effective_batch}, learning rate {args.learning_rate:g}")
+                    f"validating on {len(val_set)}; {describe_processes(ctx)}; effective batch "
+                    f"{effective_batch} ({args.batch_size} x {ctx.world_size} processes x "
+                    f"{args.gradient_accumulation_steps} accumulation), learning rate {learning_rate:g}"
+                    + (f" ({args.scale_lr}-scaled from {args.learning_rate:g})" if args.scale_lr != "none" else ""))
+    if args.num_sanity_val_steps and run["epoch"] == 0 and run["step"] == 0:
+        evaluate(unwrap(model), val_loader, len(val_set), training, args, ctx, max_batches=args.num_sanity_val_steps)
+        main_print(ctx, f"Sanity check: validation ran on {args.num_sanity_val_steps} batch(es) per process.")
+
+    exit_code = 0
     for epoch in range(run["epoch"] + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, amp_dtype,
-                                      epoch, run, save, stop, args, ctx)
+        train_stats = train_one_epoch(training, train_loader, epoch, run, args, ctx)
         if train_stats is None:  # stopped by a signal; a mid-epoch checkpoint is saved
             main_print(ctx, f"Stopped by signal {stop.signal}: saved step {run['step']} of epoch {epoch} "
                             f"to {args.checkpoint_dir}/checkpoint_latest.pth; resume with --auto_resume")
-            return 128 + stop.signal
+            exit_code = 128 + stop.signal
+            break
         broadcast_buffers(unwrap(model))  # evaluate and save the statistics rank 0 saves
-        val_loss, val_acc = evaluate(unwrap(model), val_loader, len(val_set), amp_dtype, args, ctx)
-        epoch_record = dict(epoch=epoch, **train_stats, val_loss=val_loss, val_acc=val_acc,
-                       epoch_seconds=time.perf_counter() - epoch_start)
+        val_loss, val_acc = evaluate(unwrap(model), val_loader, len(val_set), training, args, ctx)
+        epoch_record = dict(epoch=epoch, **train_stats, val_loss=val_loss, val_acc=val_acc)
+        if ema is not None:
+            epoch_record["ema_val_loss"], epoch_record["ema_val_acc"] = evaluate(
+                ema.module, val_loader, len(val_set), training, args, ctx)
+        epoch_record["epoch_seconds"] = time.perf_counter() - epoch_start
         append_history(run["history"], epoch_record)
-        is_best = val_acc > run["best_acc"]
-        run.update(epoch=epoch, step=0, best_acc=max(run["best_acc"], val_acc))
-        main_print(ctx, f"Epoch {epoch}/{args.epochs} | train loss {epoch_record['train_loss']:.4f} "
-                        f"acc {epoch_record['train_acc']:.2f}% | val loss {val_loss:.4f} acc {val_acc:.2f}% "
-                        f"(best {run['best_acc']:.2f}%) | lr {epoch_record['learning_rate']:.2e} | "
-                        f"{epoch_record['epoch_seconds']:.1f} s, {epoch_record['samples_per_second']:.0f} img/s"
-                        + (f" | {epoch_record['nonfinite_steps']} non-finite steps skipped"
-                           if epoch_record["nonfinite_steps"] else ""))
-        save(["checkpoint_latest.pth"] + (["checkpoint_best.pth"] if is_best else []))
-        if ctx.is_main:
+        # Every rank holds the same all-reduced metrics, so these decisions agree without a collective.
+        monitored = epoch_record[("ema_" if ema is not None else "") + args.monitor]
+        is_best = is_improvement(monitored, run["best_metric"], args.monitor)
+        improved = is_improvement(monitored, run["best_metric"], args.monitor, args.early_stopping_min_delta)
+        run.update(epoch=epoch, step=0, best_acc=max(run["best_acc"], epoch_record["val_acc"]),
+                   stale_epochs=0 if improved else run["stale_epochs"] + 1)
+        if is_best:
+            run.update(best_metric=monitored, best_epoch=epoch)
+        names = ["checkpoint_latest.pth"] + (["checkpoint_best.pth"] if is_best else [])
+        if args.save_top_k:
+            run["top_k"], entered, dropped = update_top_k(run["top_k"], args.save_top_k, epoch, monitored, args.monitor)
+            names += [top_k_filename(epoch)] if entered else []
+        main_print(ctx, describe_epoch(epoch_record, run, args))
+        save(names)
+        if args.save_top_k and ctx.is_main and writes_files:
+            for old_epoch in dropped:
+                remove_quietly(os.path.join(args.checkpoint_dir, top_k_filename(old_epoch)))
+        if ctx.is_main and writes_files:
             write_json_atomic(os.path.join(args.log_dir, "training_history.json"), run["history"])
+        global_step = epoch * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        logger.log({"epoch": epoch, "train/epoch_loss": epoch_record["train_loss"],
+                    "train/epoch_acc": epoch_record["train_acc"],
+                    "train/samples_per_second": epoch_record["samples_per_second"],
+                    "val/loss": val_loss, "val/acc": val_acc,
+                    **({"val/ema_loss": epoch_record["ema_val_loss"], "val/ema_acc": epoch_record["ema_val_acc"]}
+                       if ema is not None else {})}, step=global_step)
+        if args.early_stopping_patience and run["stale_epochs"] >= args.early_stopping_patience:
+            main_print(ctx, f"Early stopping: {args.monitor} has not improved by more than "
+                            f"{args.early_stopping_min_delta:g} for {run['stale_epochs']} epochs.")
+            break
         if any_rank(stop.requested, ctx.device):
             main_print(ctx, f"Stopped by signal {stop.signal} after epoch {epoch}; resume with --auto_resume")
-            return 128 + stop.signal
-    main_print(ctx, f"Done: best val acc {run['best_acc']:.2f}%; checkpoints in {args.checkpoint_dir}/, "
-                    f"history in {args.log_dir}/training_history.json")
-    return 0
+            exit_code = 128 + stop.signal
+            break
+    logger.close()
+    seconds = time.perf_counter() - began
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    if writes_files:
+        main_print(ctx, f"Done in {took}: best {args.monitor} {run['best_metric']:.4g} at epoch "
+                        f"{run['best_epoch']} (best val acc {run['best_acc']:.2f}%); checkpoints in "
+                        f"{args.checkpoint_dir}/, history and config in {args.log_dir}/")
+    else:
+        main_print(ctx, f"fast_dev_run passed in {took}: one train and one val batch ran; no files written.")
+    return exit_code
+
+
+def describe_epoch(record, run, args):
+    line = (f"Epoch {record['epoch']}/{args.epochs} | train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% ")
+    if "ema_val_acc" in record:
+        line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%) "
+    line += (f"| best {args.monitor} {run['best_metric']:.4g} | lr {record['learning_rate']:.2e} | "
+             f"{record['epoch_seconds']:.1f} s, {record['samples_per_second']:.0f} img/s")
+    if record["nonfinite_steps"]:
+        line += f" | {record['nonfinite_steps']} non-finite steps skipped"
+    if record["skipped_images"]:
+        line += f" | {record['skipped_images']} unreadable images skipped"
+    return line
 
 
 def find_resume_path(args):
@@ -163,20 +256,7 @@ def describe_processes(ctx):
     return f"{ctx.world_size} processes on {ctx.device.type} ({'nccl' if ctx.device.type == 'cuda' else 'gloo'})"
 
 
-def build_scheduler(optimizer, args, total_steps):
-    """Linear warm-up, then cosine decay to zero (or constant), stepped once per optimizer step."""
-    warmup = min(args.warmup_steps, max(total_steps - 1, 0))
-    if args.lr_scheduler == "cosine":
-        main_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
-    else:
-        main_schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warmup == 0:
-        return main_schedule
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main_schedule], milestones=[warmup])
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoch, run, save, stop, args, ctx):
+def train_one_epoch(training, loader, epoch, run, args, ctx):
     """One pass over this rank's shard, from optimizer step `run['step']` on (mid-epoch resume).
 
     Gradients accumulate over micro-batches; only the last micro-batch of each group all-reduces
@@ -184,12 +264,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
     --log_every_steps), where the ranks also decide together whether to stop. Returns the epoch's
     metrics, or None when stopped by a signal (after a mid-epoch checkpoint).
     """
+    model, optimizer, scaler, device = training.model, training.optimizer, training.scaler, ctx.device
     model.train()
-    device = ctx.device
     accumulation = args.gradient_accumulation_steps
     batches_done = run["step"] * accumulation
     loader.sampler.set_epoch(epoch, start=batches_done * args.batch_size)
-    num_batches = batches_done + len(loader)  # the whole epoch's, for the grouping of micro-batches
+    num_batches = training.batches_per_epoch  # the whole epoch's, for the grouping of micro-batches
     num_updates = math.ceil(num_batches / accumulation)
     # Running sums: loss, correct, seen, skipped images, non-finite steps (this epoch), non-finite streak.
     sums = torch.zeros(6, device=device, dtype=torch.float64)
@@ -203,17 +283,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
     start = time.perf_counter()
     seen_at_start = sums[2].item()
     for i, (images, labels, _, skipped) in enumerate(loader, start=batches_done):
-        images = normalize(images.to(device, non_blocking=True))
+        if i == num_batches:  # --limit_train_batches
+            break
+        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=training.memory_format)
         labels = labels.to(device, non_blocking=True)
         group_start = i - i % accumulation
         micro_steps_in_group = min(accumulation, num_batches - group_start)  # the last group may be short
         is_update = i + 1 == group_start + micro_steps_in_group
         # DDP decides whether to all-reduce during forward, so forward and backward both sit in no_sync.
-        skip_sync = model.no_sync() if isinstance(model, DDP) and not is_update else nullcontext()
+        skip_sync = model.no_sync() if not is_update and ctx.distributed else nullcontext()
         with skip_sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.use_amp):
+            with torch.autocast(device.type, dtype=training.amp_dtype, enabled=args.use_amp):
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
             scaler.scale(loss / micro_steps_in_group).backward()
         sums[0] += loss.detach().double() * labels.numel()
         sums[1] += (logits.argmax(dim=1) == labels).sum()
@@ -229,10 +311,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
         nonfinite = ~torch.isfinite(grad_norm)  # a NaN/Inf loss gives NaN/Inf gradients
         step_skipping_nonfinite(optimizer, scaler, nonfinite)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        training.scheduler.step()
+        if training.ema is not None:
+            training.ema.update_parameters(unwrap(model))
         sums[4] += nonfinite
         sums[5] = (sums[5] + 1) * nonfinite  # consecutive non-finite steps
         run["step"] = update = i // accumulation + 1
+        global_step = (epoch - 1) * num_updates + update
         if update % args.log_every_steps == 0 or update == num_updates:
             streak = int(sums[5].item())  # equal on every rank: gradients are all-reduced
             if streak >= args.max_nonfinite_steps:
@@ -241,16 +326,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
                     f"step {update}); lower --learning_rate, set --max_grad_norm, or use --amp_dtype "
                     f"bfloat16; the last good checkpoint is in {args.checkpoint_dir}/")
             if ctx.is_main:
-                progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{100 * sums[1].item() / sums[2].item():.1f}%",
-                                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                     grad_norm=f"{grad_norm.item():.3f}", refresh=False)
-            if any_rank(stop.requested, device):
-                save(["checkpoint_latest.pth"], partial=sums.cpu())
+                metrics = {"train/loss": loss.item(), "train/learning_rate": optimizer.param_groups[0]["lr"],
+                           "train/grad_norm": grad_norm.item()}
+                training.logger.log(metrics, step=global_step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                                     acc=f"{100 * sums[1].item() / sums[2].item():.1f}%",
+                                     lr=f"{metrics['train/learning_rate']:.2e}",
+                                     grad_norm=f"{metrics['train/grad_norm']:.3f}", refresh=False)
+            if any_rank(training.stop.requested, device):
+                training.save(["checkpoint_latest.pth"], partial=sums.cpu())
                 progress.close()
                 return None
-        global_step = (epoch - 1) * num_updates + update
         if args.save_every_steps and global_step % args.save_every_steps == 0 and update < num_updates:
-            save(["checkpoint_latest.pth"], partial=sums.cpu())
+            training.save(["checkpoint_latest.pth"], partial=sums.cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -279,21 +367,25 @@ def step_skipping_nonfinite(optimizer, scaler, nonfinite):
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset_size, amp_dtype, args, ctx):
+def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None):
     """Exact global loss and accuracy. Each rank fills its own samples' slots of dataset-sized
     vectors (its shard is indices rank, rank + world, ...); the all-reduce adds zeros elsewhere,
     so every rank ends with the same per-sample values a one-process run computes, summed in the
     same order. Runs on the unwrapped model on every rank: no collective inside the forward.
-    Unreadable images skipped with --skip_bad_images are left out of both sums and the count."""
+    Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are left out of
+    both sums and the count."""
     model.eval()
+    max_batches = max_batches or args.limit_val_batches or len(loader)
     losses = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
     hits = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
     evaluated = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
-    for images, labels, indices, _ in loader:
-        images = normalize(images.to(ctx.device, non_blocking=True))
+    for batch_index, (images, labels, indices, _) in enumerate(loader):
+        if batch_index == max_batches:
+            break
+        images = normalize(images.to(ctx.device, non_blocking=True)).contiguous(memory_format=training.memory_format)
         labels = labels.to(ctx.device, non_blocking=True)
         indices = indices.to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=args.use_amp):
+        with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
             logits = model(images)
         losses[indices] = F.cross_entropy(logits.float(), labels, reduction="none").double()
         hits[indices] = (logits.argmax(dim=1) == labels).double()

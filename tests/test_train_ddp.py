@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,7 +94,8 @@ def evaluate_in_one_process(checkpoint_path, val_dir, image_size):
                                   seed=0, pin_memory=False)
     args = train_ddp.parse_args(["--batch_size", "3"])
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    return train_ddp.evaluate(model, val_loader, len(val_set), torch.float16, args, ctx)
+    pieces = SimpleNamespace(amp_dtype=torch.float32, memory_format=torch.contiguous_format)
+    return train_ddp.evaluate(model, val_loader, len(val_set), pieces, args, ctx)
 
 
 def test_distributed_validation_equals_one_process_exactly_on_an_odd_sized_set(tiny_data, tmp_path):
