@@ -32,6 +32,12 @@ def build_parser():
     data.add_argument("--min_crop_scale", type=float, default=0.08,
                       help="smallest image area fraction a random resized crop keeps")
     data.add_argument("--hflip_prob", type=float, default=0.5, help="probability of a horizontal flip")
+    data.add_argument("--cache_images", nargs="?", const="image_cache", default=None, metavar="DIR",
+                      help="decode every image once into a uint8 memory-mapped cache in DIR (default "
+                           "image_cache/), reused by later runs and all ranks; crops and flips then run "
+                           "batched on the device")
+    data.add_argument("--no_augmentation", action="store_true",
+                      help="train on the evaluation transform (resize + center crop) instead of random crops and flips")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="skip unreadable image files with a warning (counted in the history) "
                            "instead of stopping with an error that names the file")

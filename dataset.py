@@ -189,7 +189,7 @@ def build_datasets(args, world_size=1):
     try:
         train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
                                          min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
-                                         skip_bad_images=args.skip_bad_images)
+                                         skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation)
         val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False,
                                        skip_bad_images=args.skip_bad_images)
     except FileNotFoundError as exc:  # ImageFolder: a class folder with no image files

@@ -22,6 +22,7 @@ from checkpoint import (CheckpointError, check_resumable, load_checkpoint, remov
                         rng_state, save_checkpoint, unwrap)
 from config import ConfigError, parse_args
 from dataset import DataError, build_datasets, build_loaders, normalize, prepare_digits_demo
+from image_cache import build_cached_loaders
 from loggers import RunLogger
 from model import ModelError, build_model
 from recipe import (build_ema, build_optimizer, build_scheduler, is_improvement, scaled_learning_rate,
@@ -82,14 +83,17 @@ class Training:
 
 def train(args, ctx, stop):
     began = time.perf_counter()
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     train_set, val_set, class_names = build_datasets(args, ctx.world_size)
-    train_loader, val_loader = build_loaders(
-        train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,
-        pin_memory=ctx.device.type == "cuda")
+    if args.cache_images:
+        train_loader, val_loader = build_cached_loaders(train_set, val_set, args, ctx)
+    else:
+        train_loader, val_loader = build_loaders(
+            train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,
+            pin_memory=ctx.device.type == "cuda")
 
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.model, len(class_names), args.pretrained_weights)
     if args.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

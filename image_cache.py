@@ -1,0 +1,184 @@
+"""--cache_images: every image decoded once into a uint8 memory-mapped array on disk, then served
+in whole batches with random-resized-crop and flip done on tensors (on the GPU when there is one).
+
+Each image is stored resized (shorter side) and center-cropped to S x S, S = image_size / 0.875:
+exactly the evaluation transform's intermediate, so evaluation from the cache equals evaluation
+from the files. Training crops are drawn with the same per-sample generator (seed, epoch, index)
+and the same crop rule as the file path, in that S x S frame, so a resumed run stays bit-exact.
+The file name carries a hash of the file list, sizes and modification times: change the folder
+and the cache is rebuilt; every later run and every rank reuses it.
+"""
+import hashlib
+import math
+import os
+import random
+import shutil
+import socket
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from dataset import (EVAL_RESIZE_FRACTION, DataError, EpochTaggedSampler, open_rgb, random_resized_crop_box,
+                     sample_seed)
+
+
+def storage_size(image_size):
+    return int(round(image_size / EVAL_RESIZE_FRACTION))
+
+
+def cache_path(dataset, size, cache_dir):
+    """A name that changes whenever the file list, a file's size or mtime, or the size changes."""
+    digest = hashlib.sha256(f"{os.path.abspath(dataset.root)}|{size}".encode())
+    for path, label in dataset.samples:
+        stat = os.stat(path)
+        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    name = os.path.basename(os.path.normpath(dataset.root))
+    return os.path.join(cache_dir, f"{name}-{size}px-{digest.hexdigest()[:16]}.u8")
+
+
+class DecodeForCache(Dataset):
+    """Decode one image to the stored S x S form (the eval transform's resize + center crop)."""
+
+    def __init__(self, samples, image_size):
+        self.samples, self.image_size, self.size = samples, image_size, storage_size(image_size)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as header:
+                width, height = header.size
+            short = min(width, height)
+            image = open_rgb(path, (width * self.size / short, height * self.size / short))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"cannot read image {path} ({exc}) while building the image cache; fix or "
+                            "remove it, or train without --cache_images") from None
+        image = TF.resize(image, self.size, interpolation=InterpolationMode.BILINEAR)
+        # The S x S window whose center crop is exactly the eval transform's center crop (the
+        # offsets round separately, so a plain center crop of S could sit one pixel off).
+        top, left = (window_start(extent, self.size, self.image_size) for extent in (image.height, image.width))
+        return index, np.array(TF.crop(image, top, left, self.size, self.size))
+
+
+def window_start(extent, window, final):
+    direct = int(round((extent - final) / 2.0))  # torchvision center_crop's offset
+    inner = int(round((window - final) / 2.0))
+    return min(max(direct - inner, 0), extent - window)
+
+
+def build_or_open(dataset, image_size, cache_dir, num_workers, barrier, local_rank=0, local_world=1):
+    """The cached (N, S, S, 3) uint8 array, built once if missing. All processes of a node fill
+    disjoint slices of one temporary file, created by local rank 0 and renamed into place when
+    complete, so a killed build never leaves a half-written cache. `barrier` synchronises ranks."""
+    size = storage_size(image_size)
+    path = cache_path(dataset, size, cache_dir)
+    shape = (len(dataset), size, size, 3)
+    if not os.path.exists(path):
+        building = f"{path}.building-{socket.gethostname()}"
+        if local_rank == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            needed = int(np.prod(shape))
+            free = shutil.disk_usage(cache_dir).free
+            if free < needed * 1.05:
+                raise DataError(f"the image cache needs {needed / 2**30:.2f} GiB but {cache_dir} has "
+                                f"{free / 2**30:.2f} GiB free; free space or pass another --cache_images DIR")
+            with open(building, "wb") as f:
+                f.truncate(needed)  # sparse until written
+        barrier()
+        images = np.memmap(building, dtype=np.uint8, mode="r+", shape=shape)
+        mine = list(range(local_rank, len(dataset), local_world))
+        decoder = DataLoader(DecodeForCache([dataset.samples[i] for i in mine], image_size), batch_size=None,
+                             num_workers=num_workers, generator=torch.Generator())
+        for position, pixels in decoder:
+            images[mine[position]] = pixels
+        images.flush()
+        del images
+        barrier()
+        if local_rank == 0:
+            os.replace(building, path)
+        barrier()
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=shape), path
+
+
+class CachedBatches:
+    """Batches straight from the cache: one indexed read per batch, no per-sample __getitem__ or
+    collate; crops and flips run batched on `device`. Yields what the file loaders yield:
+    (uint8 NCHW images, labels, indices, skipped=0)."""
+
+    def __init__(self, images, labels, sampler, batch_size, train, image_size, device, drop_last,
+                 seed=0, crop_scale=(0.08, 1.0), hflip_prob=0.5, augment=True):
+        self.images, self.labels, self.sampler = images, torch.as_tensor(labels), sampler
+        self.batch_size, self.train, self.image_size, self.device = batch_size, train, image_size, device
+        self.drop_last, self.seed, self.crop_scale, self.hflip_prob = drop_last, seed, crop_scale, hflip_prob
+        self.augment = augment
+
+    def __len__(self):
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def __iter__(self):
+        keys = list(iter(self.sampler))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            chunk = keys[start:start + self.batch_size]
+            indices = np.array([key[1] if self.train else key for key in chunk])
+            pixels = torch.from_numpy(self.images[indices])
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            if self.train and self.augment:
+                images = self.random_crops(pixels, [key[0] for key in chunk], indices)
+            else:
+                images = TF.center_crop(pixels, self.image_size)
+            yield images, self.labels[indices], torch.from_numpy(indices), 0
+
+    def random_crops(self, pixels, epochs, indices):
+        """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path;
+        one roi_align call crops and resizes the whole batch (bilinear, averaging when shrinking)."""
+        size = pixels.shape[-1]
+        boxes, flips = [], []
+        for row, (epoch, index) in enumerate(zip(epochs, indices.tolist())):
+            rng = random.Random(sample_seed(self.seed, epoch, index))
+            left, top, w, h = random_resized_crop_box(size, size, self.crop_scale, rng)
+            boxes.append([row, left, top, left + w, top + h])
+            flips.append(rng.random() < self.hflip_prob)
+        boxes = torch.tensor(boxes, dtype=torch.float32, device=pixels.device)
+        crops = roi_align(pixels.float(), boxes, output_size=self.image_size, spatial_scale=1.0,
+                          sampling_ratio=-1, aligned=True)
+        flips = torch.tensor(flips, device=pixels.device).view(-1, 1, 1, 1)
+        crops = torch.where(flips, crops.flip(-1), crops)
+        return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def build_cached_loaders(train_set, val_set, args, ctx):
+    """Train and val loaders over the image cache in args.cache_images (built on first use)."""
+    barrier = dist.barrier if ctx.distributed else (lambda: None)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    opened = []
+    for dataset in (train_set, val_set):
+        already = os.path.exists(cache_path(dataset, storage_size(args.image_size), args.cache_images))
+        began = time.perf_counter()
+        images, path = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, barrier,
+                                     ctx.local_rank, local_world)
+        if ctx.is_main:
+            print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
+                  + ("reused" if already else f"built in {time.perf_counter() - began:.1f} s"), flush=True)
+        opened.append(images)
+    sampler = EpochTaggedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
+    if sampler.num_samples < args.batch_size:
+        raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per process: "
+                        f"fewer than --batch_size {args.batch_size}; lower --batch_size")
+    train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,
+                                 ctx.device, drop_last=True, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
+                                 hflip_prob=args.hflip_prob, augment=train_set.augment)
+    val_loader = CachedBatches(opened[1], val_set.targets, list(range(ctx.rank, len(val_set), ctx.world_size)),
+                               args.batch_size, False, args.image_size, ctx.device, drop_last=False)
+    return train_loader, val_loader
