@@ -289,7 +289,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
     for i, (images, labels, _, skipped) in enumerate(loader, start=batches_done):
         if i == num_batches:  # --limit_train_batches
             break
-        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=training.memory_format)
+        images = to_model_input(images, device, training.memory_format)
         labels = labels.to(device, non_blocking=True)
         group_start = i - i % accumulation
         micro_steps_in_group = min(accumulation, num_batches - group_start)  # the last group may be short
@@ -355,6 +355,14 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
                 skipped_images=int(skipped_total), nonfinite_steps=int(sums[4].item()))
 
 
+def to_model_input(images, device, memory_format):
+    """uint8 batch -> normalised float on the device. Only --channels_last forces a layout: otherwise
+    the batch keeps the one its loader made (the cache's is already channels-last, which convolutions
+    take without a copy)."""
+    images = normalize(images.to(device, non_blocking=True))
+    return images.contiguous(memory_format=memory_format) if memory_format == torch.channels_last else images
+
+
 def step_skipping_nonfinite(optimizer, scaler, nonfinite):
     """Optimizer step that leaves the weights untouched when `nonfinite` is set, decided on the
     device. A float16 GradScaler does this itself; otherwise the fused optimizer reads `found_inf`
@@ -386,7 +394,7 @@ def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None)
     for batch_index, (images, labels, indices, _) in enumerate(loader):
         if batch_index == max_batches:
             break
-        images = normalize(images.to(ctx.device, non_blocking=True)).contiguous(memory_format=training.memory_format)
+        images = to_model_input(images, ctx.device, training.memory_format)
         labels = labels.to(ctx.device, non_blocking=True)
         indices = indices.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
@@ -401,9 +409,16 @@ def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None)
 
 
 def warn_slow_cpu_bf16():
-    warnings.warn("bfloat16 autocast on this CPU runs far slower than float32 (measured about 40x "
-                  "for ResNet-18 on a CPU without native bf16 matrix units); drop --use_amp on CPU",
-                  stacklevel=2)
+    """bfloat16 autocast on a CPU without native bf16 instructions emulates them, far slower than
+    float32; CPUs with AVX512-BF16 or AMX run it faster (see BENCHMARKS.md)."""
+    try:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        native = False
+    if not native:
+        warnings.warn("this CPU has no native bfloat16 support: bfloat16 autocast runs far slower than "
+                      "float32 here (about 40x measured for ResNet-18); drop --use_amp on this CPU",
+                      stacklevel=2)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def setup_distributed(timeout_minutes=10.0):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     else:
         device = torch.device("cpu")
     if world_size > 1:

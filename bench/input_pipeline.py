@@ -1,0 +1,181 @@
+"""Input pipeline: images/s of producing model-ready training batches from real-size JPEGs.
+
+Generates N photo-like JPEGs (~500x375: smooth gradients, random shapes, noise; quality 90) in an
+ImageFolder (a temporary folder, or --data DIR, reused when already complete), then measures, at
+--image_size 224 and 64, batch 64, shuffled, one pass per round:
+
+- (a) baseline: torchvision ImageFolder + Compose([RandomResizedCrop, RandomHorizontalFlip,
+  ToTensor, Normalize]) through a DataLoader (persistent workers);
+- (b) project, file path: dataset.AugmentedImageFolder(train=True) (JPEG draft-mode decode, uint8)
+  through dataset.build_loaders' train loader (EpochTaggedSampler), normalised in the main process
+  with dataset.normalize, so every path ends with the same normalised float batch;
+- (c) the same with fast_decode=False (full-size decode): isolates the draft-mode gain;
+- (d) project, cache path: image_cache.build_or_open (one-time build, reported separately) +
+  image_cache.CachedBatches in the main process (its crops run batched), normalised likewise.
+
+(a)-(c) run at num_workers 1 and 2; (d) runs in the main process and is compared with both.
+Ratios are to the baseline at the same worker count, per round, then median and range.
+
+    python bench/input_pipeline.py [--quick] [--data DIR] [--count N] [--repeats N]
+"""
+import os
+import shutil
+import tempfile
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+import common
+import harness  # noqa: F401  (puts the repository on sys.path)
+from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, EpochTaggedSampler, build_loaders, normalize
+from image_cache import CachedBatches, build_or_open
+
+
+def photo(path, seed, size=(500, 375)):
+    """One photo-like JPEG: a smooth two-colour gradient with low-frequency shading, a dozen
+    filled shapes, a slight blur (soft edges, as a lens gives) and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = ((xx * np.cos(angle) + yy * np.sin(angle)) / max(size) + 1) / 2
+    low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    shade = 25 * np.sin(xx / rng.uniform(30, 90) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(30, 90))
+    pixels = low + (high - low) * t[..., None] + shade[..., None]
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(-50, width)), int(rng.integers(-50, height))
+        box = [x0, y0, x0 + int(rng.integers(20, 220)), y0 + int(rng.integers(20, 220))]
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = rng.integers(3)
+        if shape == 0:
+            draw.ellipse(box, fill=colour)
+        elif shape == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(int(box[0] + rng.integers(0, 200)), int(box[1] + rng.integers(0, 200))) for _ in range(5)],
+                         fill=colour)
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
+    pixels += rng.normal(0, 6, pixels.shape)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_dataset(root, train_count, val_count=0, classes=10, size=(500, 375)):
+    """root/train/<class>/*.jpg (and root/val/...), made once: a complete folder is reused."""
+    marker = os.path.join(root, f".complete-{train_count}-{val_count}-{classes}-{size[0]}x{size[1]}")
+    if os.path.exists(marker):
+        return root
+    jobs = []
+    for split, count in (("train", train_count), ("val", val_count)):
+        for i in range(count):
+            folder = os.path.join(root, split, f"class_{i % classes:02d}")
+            os.makedirs(folder, exist_ok=True)
+            jobs.append((os.path.join(folder, f"{i:06d}.jpg"), i + (10**6 if split == "val" else 0), size))
+    with Pool(os.cpu_count()) as pool:
+        pool.starmap(photo, jobs)
+    open(marker, "w").close()
+    return root
+
+
+def folder_stats(folder):
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files if f.endswith(".jpg")]
+    return len(sizes), float(np.mean(sizes))
+
+
+def timed_pass(loader, epoch, to_model_input):
+    """images/s of one full pass, from creating the iterator to the last normalised batch."""
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        images = to_model_input(batch[0])
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def runner(loader, to_model_input):
+    epochs = iter(range(1, 10**6))
+    return lambda: timed_pass(loader, next(epochs), to_model_input)
+
+
+def measure(train_dir, image_size, batch, rounds, cache_dir):
+    baseline_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                      transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    baseline_set = datasets.ImageFolder(train_dir, transform=baseline_tf)
+    fast_set = AugmentedImageFolder(train_dir, image_size, train=True, seed=0)
+    full_set = AugmentedImageFolder(train_dir, image_size, train=True, seed=0, fast_decode=False)
+    runners, groups = {}, {}
+    for workers in (1, 2):
+        loader = DataLoader(baseline_set, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                            persistent_workers=True)
+        runners[f"(a) baseline, {workers}w"] = runner(loader, lambda x: x)
+        for label, dataset in (("(b) project files", fast_set), ("(c) project files, fast_decode=False", full_set)):
+            loader = build_loaders(dataset, dataset, batch, workers, 0, 1, seed=0, pin_memory=False)[0]
+            runners[f"{label}, {workers}w"] = runner(loader, normalize)
+        groups[workers] = [name for name in runners if name.endswith(f"{workers}w")]
+    began = time.perf_counter()
+    pixels, path = build_or_open(fast_set, image_size, cache_dir, num_workers=2, barrier=lambda: None)
+    build = dict(seconds=time.perf_counter() - began, mib=pixels.nbytes / 2**20, shape=pixels.shape)
+    sampler = EpochTaggedSampler(fast_set, num_replicas=1, rank=0, seed=0)
+    cached = CachedBatches(pixels, fast_set.targets, sampler, batch, True, image_size, torch.device("cpu"), True)
+    runners["(d) project cache"] = runner(cached, normalize)
+    results = harness.interleave(runners, rounds)
+    rows = []
+    for workers, names in groups.items():
+        base = results[names[0]]
+        for name in names + ["(d) project cache"]:
+            median, ratio, spread = common.summary(results[name], base)
+            label = name.rsplit(",", 1)[0] if name != "(d) project cache" else name
+            shown = "main process" if name == "(d) project cache" else str(workers)
+            rows.append([image_size, f"{workers} worker(s)", label, shown, common.fmt(median), f"{ratio:.2f}", spread])
+    return rows, build
+
+
+def main():
+    p = common.parser(__doc__, repeats=5)
+    p.add_argument("--data", help="dataset folder to reuse (made there if missing or incomplete); default: a temp dir")
+    p.add_argument("--count", type=int, help="training JPEGs to generate (default 400, 60 with --quick)")
+    p.add_argument("--batch_size", type=int, help="batch size (default 64, 16 with --quick: 60 images)")
+    args = p.parse_args()
+    count = args.count or (60 if args.quick else 400)
+    batch = args.batch_size or (16 if args.quick else 64)
+    rounds = common.repeats(args)
+    scratch = tempfile.mkdtemp(prefix="bench-input-")
+    try:
+        root = args.data or os.path.join(scratch, "data")
+        began = time.perf_counter()
+        make_dataset(root, count)
+        files, mean_bytes = folder_stats(os.path.join(root, "train"))
+        made = time.perf_counter() - began
+        rows, builds = [], []
+        for image_size in (224, 64):
+            size_rows, build = measure(os.path.join(root, "train"), image_size, batch, rounds,
+                                       os.path.join(scratch, "cache"))
+            rows += size_rows
+            builds.append([image_size, "x".join(map(str, build["shape"])), f"{build['mib']:.1f}",
+                           f"{build['seconds']:.2f}", common.fmt(files / build["seconds"])])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    body = (common.table(["image size", "group", "path", "workers", "images/s (median)",
+                          "ratio to baseline, same group (median)", "ratio range"], rows)
+            + "\n\nOne-time cache build (image_cache.build_or_open, 2 decode workers):\n\n"
+            + common.table(["image size", "cache shape", "size (MiB)", "build time (s)", "images/s"], builds))
+    common.write_report("input_pipeline", "Input pipeline: batches from JPEG files and from the image cache", body, [
+        f"Data: {files} JPEGs, mean {mean_bytes / 1024:.0f} KiB ({'reused ' + root if args.data else 'generated'}"
+        f" in {made:.1f} s), 10 classes; batch {batch}, drop_last, shuffled; one pass = {files // batch * batch} images.",
+        f"{rounds} timed round(s) after 1 warm-up round; all paths interleaved within a round; persistent workers, "
+        "so worker start-up is excluded but each pass's pipeline fill is included.",
+        "Every path ends with the same normalised float32 NCHW batch in the main process (the project paths "
+        "normalise their uint8 batches with dataset.normalize; the baseline's workers do it with Normalize).",
+        "The cache path runs in the main process (no workers); it is measured once per round and listed in both "
+        "groups, compared with that group's baseline."])
+
+
+if __name__ == "__main__":
+    main()
