@@ -107,14 +107,15 @@ def build_parser():
     output = parser.add_argument_group("checkpoints and logs")
     output.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of flag values (keys are flag names); command-line flags win")
-    output.add_argument("--monitor", choices=["val_acc", "val_loss"], default="val_acc",
-                        help="metric for checkpoint_best.pth, --save_top_k and early stopping")
+    output.add_argument("--monitor_metric", choices=["val_acc", "val_loss"], default="val_acc",
+                        help="metric for checkpoint_best.pth, --save_top_k and early stopping (named so that "
+                             "torchrun's own --monitor-interval does not swallow it)")
     output.add_argument("--early_stopping_patience", type=int, default=0,
-                        help="stop after N epochs without improvement of --monitor (0: off)")
+                        help="stop after N epochs without improvement of --monitor_metric (0: off)")
     output.add_argument("--early_stopping_min_delta", type=float, default=0.0,
-                        help="smallest change of --monitor that counts as an improvement")
+                        help="smallest change of --monitor_metric that counts as an improvement")
     output.add_argument("--save_top_k", type=int, default=0,
-                        help="also keep the K best checkpoints by --monitor as checkpoint_epochNNN.pth")
+                        help="also keep the K best checkpoints by --monitor_metric as checkpoint_epochNNN.pth")
     output.add_argument("--checkpoint_dir", default="checkpoints",
                         help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here")
     output.add_argument("--log_dir", default="logs", help="training_history.json goes here")
@@ -177,8 +178,15 @@ def read_config_file(path, parser):
             if action.nargs == 0:  # store_true flags
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
-            elif value is not None and action.type is not None:
+            elif value is not None and action.type in (int, float):
+                # Strings convert as on the command line (YAML reads `2e-3` as a string); a bool or
+                # a fraction for an integer flag is a mistake, not something to truncate.
+                if isinstance(value, bool) or (action.type is int and isinstance(value, float)):
+                    raise ValueError(f"expected {'an integer' if action.type is int else 'a number'}")
                 value = action.type(value)
+            elif value is not None:
+                if not isinstance(value, str):
+                    raise ValueError("expected a string")
             if action.choices and value not in action.choices:
                 raise ValueError(f"expected one of {', '.join(action.choices)}")
         except (TypeError, ValueError) as exc:

@@ -168,7 +168,7 @@ def train(args, ctx, stop):
                     + (f" ({args.scale_lr}-scaled from {args.learning_rate:g})" if args.scale_lr != "none" else ""))
     if args.num_sanity_val_steps and run["epoch"] == 0 and run["step"] == 0:
         evaluate(unwrap(model), val_loader, len(val_set), training, args, ctx, max_batches=args.num_sanity_val_steps)
-        main_print(ctx, f"Sanity check: validation ran on {args.num_sanity_val_steps} batch(es) per process.")
+        main_print(ctx, f"Sanity check: validation ran on up to {args.num_sanity_val_steps} batch(es) per process.")
 
     exit_code = 0
     for epoch in range(run["epoch"] + 1, args.epochs + 1):
@@ -188,16 +188,16 @@ def train(args, ctx, stop):
         epoch_record["epoch_seconds"] = time.perf_counter() - epoch_start
         append_history(run["history"], epoch_record)
         # Every rank holds the same all-reduced metrics, so these decisions agree without a collective.
-        monitored = epoch_record[("ema_" if ema is not None else "") + args.monitor]
-        is_best = is_improvement(monitored, run["best_metric"], args.monitor)
-        improved = is_improvement(monitored, run["best_metric"], args.monitor, args.early_stopping_min_delta)
+        monitored = epoch_record[("ema_" if ema is not None else "") + args.monitor_metric]
+        is_best = is_improvement(monitored, run["best_metric"], args.monitor_metric)
+        improved = is_improvement(monitored, run["best_metric"], args.monitor_metric, args.early_stopping_min_delta)
         run.update(epoch=epoch, step=0, best_acc=max(run["best_acc"], epoch_record["val_acc"]),
                    stale_epochs=0 if improved else run["stale_epochs"] + 1)
         if is_best:
             run.update(best_metric=monitored, best_epoch=epoch)
         names = ["checkpoint_latest.pth"] + (["checkpoint_best.pth"] if is_best else [])
         if args.save_top_k:
-            run["top_k"], entered, dropped = update_top_k(run["top_k"], args.save_top_k, epoch, monitored, args.monitor)
+            run["top_k"], entered, dropped = update_top_k(run["top_k"], args.save_top_k, epoch, monitored, args.monitor_metric)
             names += [top_k_filename(epoch)] if entered else []
         main_print(ctx, describe_epoch(epoch_record, run, args))
         save(names)
@@ -214,7 +214,7 @@ def train(args, ctx, stop):
                     **({"val/ema_loss": epoch_record["ema_val_loss"], "val/ema_acc": epoch_record["ema_val_acc"]}
                        if ema is not None else {})}, step=global_step)
         if args.early_stopping_patience and run["stale_epochs"] >= args.early_stopping_patience:
-            main_print(ctx, f"Early stopping: {args.monitor} has not improved by more than "
+            main_print(ctx, f"Early stopping: {args.monitor_metric} has not improved by more than "
                             f"{args.early_stopping_min_delta:g} for {run['stale_epochs']} epochs.")
             break
         if any_rank(stop.requested, ctx.device):
@@ -225,7 +225,7 @@ def train(args, ctx, stop):
     seconds = time.perf_counter() - began
     took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
     if writes_files:
-        main_print(ctx, f"Done in {took}: best {args.monitor} {run['best_metric']:.4g} at epoch "
+        main_print(ctx, f"Done in {took}: best {args.monitor_metric} {run['best_metric']:.4g} at epoch "
                         f"{run['best_epoch']} (best val acc {run['best_acc']:.2f}%); checkpoints in "
                         f"{args.checkpoint_dir}/, history and config in {args.log_dir}/")
     else:
@@ -238,7 +238,7 @@ def describe_epoch(record, run, args):
             f"acc {record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% ")
     if "ema_val_acc" in record:
         line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%) "
-    line += (f"| best {args.monitor} {run['best_metric']:.4g} | lr {record['learning_rate']:.2e} | "
+    line += (f"| best {args.monitor_metric} {run['best_metric']:.4g} | lr {record['learning_rate']:.2e} | "
              f"{record['epoch_seconds']:.1f} s, {record['samples_per_second']:.0f} img/s")
     if record["nonfinite_steps"]:
         line += f" | {record['nonfinite_steps']} non-finite steps skipped"
@@ -315,6 +315,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
         nonfinite = ~torch.isfinite(grad_norm)  # a NaN/Inf loss gives NaN/Inf gradients
         step_skipping_nonfinite(optimizer, scaler, nonfinite)
         optimizer.zero_grad(set_to_none=True)
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         training.scheduler.step()
         if training.ema is not None:
             training.ema.update_parameters(unwrap(model))
@@ -330,7 +331,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
                     f"step {update}); lower --learning_rate, set --max_grad_norm, or use --amp_dtype "
                     f"bfloat16; the last good checkpoint is in {args.checkpoint_dir}/")
             if ctx.is_main:
-                metrics = {"train/loss": loss.item(), "train/learning_rate": optimizer.param_groups[0]["lr"],
+                metrics = {"train/loss": loss.item(), "train/learning_rate": step_lr,
                            "train/grad_norm": grad_norm.item()}
                 training.logger.log(metrics, step=global_step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}",
@@ -351,7 +352,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
     totals = all_reduce_sum(torch.cat([sums[:4], seen_timed]))
     loss_total, correct_total, seen_total, skipped_total, seen_timed = totals.tolist()
     return dict(train_loss=loss_total / seen_total, train_acc=100 * correct_total / seen_total,
-                learning_rate=optimizer.param_groups[0]["lr"], samples_per_second=seen_timed / seconds,
+                learning_rate=step_lr, samples_per_second=seen_timed / seconds,
                 skipped_images=int(skipped_total), nonfinite_steps=int(sums[4].item()))
 
 

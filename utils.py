@@ -141,8 +141,9 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lear
 
 
 def append_history(history, record):
-    for key in HISTORY_KEYS:
-        history[key].append(record[key])
+    """Add one epoch's values; optional metrics (the EMA's) get their own lists."""
+    for key, value in record.items():
+        history.setdefault(key, []).append(value)
 
 
 def plot_history(history, output):

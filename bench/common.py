@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import select
 import shlex
 import subprocess
 import sys
@@ -100,16 +101,22 @@ def write_report(name, title, body, notes=()):
     print(f"(written to {os.path.relpath(path, REPO)})", flush=True)
 
 
-def run_timed(command, patterns=(), stop_when=None, env=None, timeout=900):
+def run_timed(command, patterns=(), stop_when=None, stop_signal=None, env=None, timeout=900):
     """Run `command` from the repository root with stdout+stderr merged, reading as it arrives.
     Returns dict(rc, wall, output, seen): seen[pattern] = seconds from start until the regex first
-    matched the output. `stop_when(output)` true kills the child early (its whole session)."""
+    matched the output. Once `stop_when(output)` is true the child is stopped: sent `stop_signal`
+    and awaited (for a launcher that forwards it to workers in their own sessions, as torchrun's
+    are), or else killed with its whole session. After `timeout` s it is killed."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
                              start_new_session=True)
-    output, seen, stopped = "", {}, False
+    output, seen, stopped, deadline = "", {}, False, start + timeout
     while True:
+        if not select.select([child.stdout], [], [], max(deadline - time.perf_counter(), 0))[0]:
+            kill_session(child.pid)  # past the time limit
+            stopped = True
+            break
         chunk = os.read(child.stdout.fileno(), 65536)
         now = time.perf_counter() - start
         if not chunk:
@@ -118,15 +125,26 @@ def run_timed(command, patterns=(), stop_when=None, env=None, timeout=900):
         for pattern in patterns:
             if pattern not in seen and re.search(pattern, output):
                 seen[pattern] = now
-        if (stop_when and stop_when(output)) or now > timeout:
+        if not stopped and stop_when and stop_when(output):
             stopped = True
-            os.killpg(child.pid, 9)  # the session started above: this child and its own children
-            break
+            if stop_signal is None:
+                kill_session(child.pid)
+                break
+            child.send_signal(stop_signal)  # then read on until it has exited
+            deadline = time.perf_counter() + 120
     rc = child.wait()
     child.stdout.close()
     if rc != 0 and not stopped:
         raise RuntimeError(f"command failed (exit {rc}): {shlex.join(command)}\n{output[-3000:]}")
     return dict(rc=rc, wall=time.perf_counter() - start, output=output, seen=seen)
+
+
+def kill_session(pid):
+    """SIGKILL the session (process group) that run_timed started for its child `pid`."""
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        pass
 
 
 def read_history(log_dir):

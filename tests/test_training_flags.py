@@ -336,8 +336,8 @@ def test_sanity_validation_fails_a_broken_val_set_before_any_training_step(tiny_
 def test_early_stopping_stops_both_ranks_when_the_monitor_stops_improving(shared_data, tmp_path):
     # A learning rate of 1e-9 cannot lower the val loss by min_delta 0.1: epoch 1 sets the best,
     # epoch 2 is the first epoch without improvement, and patience 1 stops there.
-    # --monitor comes from a config file: torchrun refuses it on its own command line (see below).
-    config = write_config(tmp_path / "monitor.yaml", dict(monitor="val_loss"))
+    # --monitor_metric comes from a config file here; the next test passes it on the command line.
+    config = write_config(tmp_path / "monitor.yaml", dict(monitor_metric="val_loss"))
     out = str(tmp_path / "run")
     result = train(shared_data, out, nproc=2, epochs=10, learning_rate=1e-9, lr_scheduler="none", config=config,
                    early_stopping_patience=1, early_stopping_min_delta=0.1, limit_train_batches=1, timeout=180)
@@ -346,14 +346,15 @@ def test_early_stopping_stops_both_ranks_when_the_monitor_stops_improving(shared
     assert result.returncode == 0
     assert history_of(out)["epoch"] == [1, 2]
     assert latest(out)["epoch"] == 2 and latest(out)["stale_epochs"] == 1
-    assert latest(out)["config"]["monitor"] == "val_loss"
+    assert latest(out)["config"]["monitor_metric"] == "val_loss"
     assert "Early stopping: val_loss has not improved by more than 0.1 for 1 epochs." in result.stdout
     assert "Epoch 2/10 |" in result.stdout and "Epoch 3/10" not in result.stdout + result.stderr
 
 
 def test_monitor_flag_can_be_given_on_a_torchrun_command_line(shared_data, tmp_path):
-    # `torchrun ... train_ddp.py --monitor val_loss`, as README's torchrun and launch_ddp.py lines pass flags.
-    result = train(shared_data, str(tmp_path), nproc=2, monitor="val_loss", fast_dev_run=True, check=False,
+    # torchrun abbreviates its own options anywhere on the line: a flag named `--monitor` was taken
+    # for its `--monitor-interval`. `--monitor_metric` is not a prefix of any torchrun option.
+    result = train(shared_data, str(tmp_path), nproc=2, monitor_metric="val_loss", fast_dev_run=True, check=False,
                    timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fast_dev_run passed in" in result.stdout
@@ -364,7 +365,7 @@ def test_monitor_flag_can_be_given_on_a_torchrun_command_line(shared_data, tmp_p
 @pytest.mark.parametrize("monitor", ["val_acc", "val_loss"])
 def test_save_top_k_keeps_exactly_the_k_best_epochs(shared_data, tmp_path, monitor):
     out = str(tmp_path)
-    train(shared_data, out, epochs=4, save_top_k=2, monitor=monitor, learning_rate=0.003)
+    train(shared_data, out, epochs=4, save_top_k=2, monitor_metric=monitor, learning_rate=0.003)
     history = history_of(out)
     values = history[monitor]
     # Best first; a tie goes to the earlier epoch.
@@ -460,7 +461,7 @@ def test_wandb_and_tensorboard_get_the_step_and_epoch_metrics_of_the_history(sha
                **{name: str(tmp_path / "wandb_home" / name.lower())
                   for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")})
     result = train(shared_data, out, epochs=2, use_wandb=True, use_tensorboard=True, log_every_steps=1,
-                   monitor="val_loss", wandb_project="flags-test", wandb_name="tiny", env=env)
+                   monitor_metric="val_loss", wandb_project="flags-test", wandb_name="tiny", env=env)
     history = history_of(out)
     total = 2 * STEPS_PER_EPOCH
     epoch_ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # epoch metrics share the epoch's last step
