@@ -11,9 +11,11 @@ and the cache is rebuilt; every later run and every rank reuses it.
 import hashlib
 import math
 import os
+import queue
 import random
 import shutil
 import socket
+import threading
 import time
 
 import numpy as np
@@ -27,6 +29,9 @@ from torchvision.transforms import functional as TF
 
 from dataset import (EVAL_RESIZE_FRACTION, DataError, EpochTaggedSampler, open_rgb, random_resized_crop_box,
                      sample_seed)
+
+
+PREFETCH_BATCHES = 3
 
 
 def storage_size(image_size):
@@ -126,34 +131,67 @@ class CachedBatches:
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
+        """A background thread reads each batch into pinned memory and draws its crop boxes while
+        the device trains on the previous one; the order, and so every result, is unchanged."""
         keys = list(iter(self.sampler))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            chunk = keys[start:start + self.batch_size]
-            indices = np.array([key[1] if self.train else key for key in chunk])
-            pixels = torch.from_numpy(self.images[indices])
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory()
-            pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            if self.train and self.augment:
-                images = self.random_crops(pixels, [key[0] for key in chunk], indices)
-            else:
-                images = TF.center_crop(pixels, self.image_size)
-            yield images, self.labels[indices], torch.from_numpy(indices), 0
+        batches = queue.Queue(maxsize=PREFETCH_BATCHES)
+        stop = threading.Event()
+        reader = threading.Thread(target=self.read_batches, args=(keys, batches, stop), daemon=True)
+        reader.start()
+        try:
+            for _ in range(len(self)):
+                item = batches.get()
+                if isinstance(item, BaseException):
+                    raise item
+                pixels, labels, indices, boxes, flips = item
+                pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                if boxes is None:
+                    images = TF.center_crop(pixels, self.image_size).contiguous()  # NCHW, as from files
+                else:
+                    images = self.crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
+                                                flips.to(self.device, non_blocking=True))
+                yield images, labels, indices, 0
+        finally:
+            stop.set()
 
-    def random_crops(self, pixels, epochs, indices):
-        """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path;
-        one roi_align call crops and resizes the whole batch (bilinear, averaging when shrinking)."""
-        size = pixels.shape[-1]
+    def read_batches(self, keys, batches, stop):
+        try:
+            for start in range(0, len(self) * self.batch_size, self.batch_size):
+                chunk = keys[start:start + self.batch_size]
+                indices = np.array([key[1] if self.train else key for key in chunk])
+                pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
+                                     pin_memory=self.device.type == "cuda")
+                np.take(self.images, indices, axis=0, out=pixels.numpy())  # one copy, into pinned memory
+                boxes = flips = None
+                if self.train and self.augment:
+                    boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+                item = (pixels, self.labels[indices], torch.from_numpy(indices), boxes, flips)
+                while not stop.is_set():
+                    try:
+                        batches.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced in the training loop
+            batches.put(exc)
+
+    def draw_crops(self, epochs, indices):
+        """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path."""
+        size = self.images.shape[1]
         boxes, flips = [], []
         for row, (epoch, index) in enumerate(zip(epochs, indices.tolist())):
             rng = random.Random(sample_seed(self.seed, epoch, index))
             left, top, w, h = random_resized_crop_box(size, size, self.crop_scale, rng)
             boxes.append([row, left, top, left + w, top + h])
             flips.append(rng.random() < self.hflip_prob)
-        boxes = torch.tensor(boxes, dtype=torch.float32, device=pixels.device)
+        return torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips).view(-1, 1, 1, 1)
+
+    def crop_and_flip(self, pixels, boxes, flips):
+        """One roi_align call crops and resizes the whole batch (bilinear, averaging when shrinking)."""
         crops = roi_align(pixels.float(), boxes, output_size=self.image_size, spatial_scale=1.0,
                           sampling_ratio=-1, aligned=True)
-        flips = torch.tensor(flips, device=pixels.device).view(-1, 1, 1, 1)
         crops = torch.where(flips, crops.flip(-1), crops)
         return crops.round_().clamp_(0, 255).to(torch.uint8)
 

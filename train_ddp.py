@@ -357,9 +357,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
 
 
 def to_model_input(images, device, memory_format):
-    """uint8 batch -> normalised float on the device. Only --channels_last forces a layout: otherwise
-    the batch keeps the one its loader made (the cache's is already channels-last, which convolutions
-    take without a copy)."""
+    """uint8 batch -> normalised float on the device, channels-last if asked (the model is too)."""
     images = normalize(images.to(device, non_blocking=True))
     return images.contiguous(memory_format=memory_format) if memory_format == torch.channels_last else images
 

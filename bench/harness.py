@@ -101,7 +101,7 @@ def bare_loop(model_name, images, labels, batch_size, device, classes=10, contig
         start = time.perf_counter()
         for step in range(steps):
             index = order[step * batch_size:(step + 1) * batch_size]
-            x = normalize(pixels[index].to(device).permute(0, 3, 1, 2))
+            x = normalize(pixels[index].to(device).permute(0, 3, 1, 2).contiguous())  # NCHW, as a DataLoader gives
             x = x.contiguous() if contiguous_input else x
             loss = F.cross_entropy(model(x), targets[index].to(device))
             loss.backward()
