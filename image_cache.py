@@ -11,12 +11,13 @@ and the cache is rebuilt; every later run and every rank reuses it.
 import hashlib
 import math
 import os
-import queue
 import random
 import shutil
 import socket
-import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from dataset import (EVAL_RESIZE_FRACTION, DataError, EpochTaggedSampler, open_r
                      sample_seed)
 
 
-PREFETCH_BATCHES = 3
+READER_THREADS = min(4, os.cpu_count() or 1)
 
 
 def storage_size(image_size):
@@ -131,51 +132,39 @@ class CachedBatches:
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
-        """A background thread reads each batch into pinned memory and draws its crop boxes while
-        the device trains on the previous one; the order, and so every result, is unchanged."""
+        """Reader threads gather upcoming batches into pinned memory (numpy releases the GIL while
+        copying) and draw their crop boxes while the device trains on the current one; batches
+        are consumed in order, so every result is unchanged."""
         keys = list(iter(self.sampler))
-        batches = queue.Queue(maxsize=PREFETCH_BATCHES)
-        stop = threading.Event()
-        reader = threading.Thread(target=self.read_batches, args=(keys, batches, stop), daemon=True)
-        reader.start()
-        try:
-            for _ in range(len(self)):
-                item = batches.get()
-                if isinstance(item, BaseException):
-                    raise item
-                pixels, labels, indices, boxes, flips = item
-                pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-                if boxes is None:
-                    images = TF.center_crop(pixels, self.image_size).contiguous()  # NCHW, as from files
-                else:
-                    images = self.crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
-                                                flips.to(self.device, non_blocking=True))
-                yield images, labels, indices, 0
-        finally:
-            stop.set()
+        starts = iter(range(0, len(self) * self.batch_size, self.batch_size))
+        with ThreadPoolExecutor(max_workers=READER_THREADS) as readers:
+            pending = deque(readers.submit(self.read_batch, keys[s:s + self.batch_size])
+                            for s in islice(starts, 2 * READER_THREADS))
+            try:
+                while pending:
+                    pixels, labels, indices, boxes, flips = pending.popleft().result()
+                    for s in islice(starts, 1):
+                        pending.append(readers.submit(self.read_batch, keys[s:s + self.batch_size]))
+                    pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                    if boxes is None:
+                        images = TF.center_crop(pixels, self.image_size).contiguous()  # NCHW, as from files
+                    else:
+                        images = self.crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
+                                                    flips.to(self.device, non_blocking=True))
+                    yield images, labels, indices, 0
+            finally:
+                for future in pending:  # the loop stopped early (--limit_train_batches, an error)
+                    future.cancel()
 
-    def read_batches(self, keys, batches, stop):
-        try:
-            for start in range(0, len(self) * self.batch_size, self.batch_size):
-                chunk = keys[start:start + self.batch_size]
-                indices = np.array([key[1] if self.train else key for key in chunk])
-                pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
-                                     pin_memory=self.device.type == "cuda")
-                np.take(self.images, indices, axis=0, out=pixels.numpy())  # one copy, into pinned memory
-                boxes = flips = None
-                if self.train and self.augment:
-                    boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-                item = (pixels, self.labels[indices], torch.from_numpy(indices), boxes, flips)
-                while not stop.is_set():
-                    try:
-                        batches.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # surfaced in the training loop
-            batches.put(exc)
+    def read_batch(self, chunk):
+        indices = np.array([key[1] if self.train else key for key in chunk])
+        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        np.take(self.images, indices, axis=0, out=pixels.numpy())  # one copy, into pinned memory
+        boxes = flips = None
+        if self.train and self.augment:
+            boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+        return pixels, self.labels[indices], torch.from_numpy(indices), boxes, flips
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path."""

@@ -39,6 +39,20 @@ def measure(label, make_runner, device, repeats=2):
     return rate
 
 
+def loader_only(label, loader, device):
+    """Images/s of an input pipeline with no model: what it could feed at most."""
+    loader.sampler.set_epoch(1)
+    for _ in loader:  # warm-up: workers, page cache
+        pass
+    loader.sampler.set_epoch(2)
+    began, count = time.perf_counter(), 0
+    for images, *_ in loader:
+        count += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"| {label} | {count / (time.perf_counter() - began):,.0f} | | |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -87,9 +101,11 @@ def main():
     print(f"| (cache: {images.nbytes / 2**30:.2f} GiB, ready in {time.perf_counter() - began:.0f} s) | | | |")
     sampler = EpochTaggedSampler(dataset, 1, 0, seed=0)
     cached = CachedBatches(images, dataset.targets, sampler, bs, True, size, device, drop_last=True)
+    loader_only(f"JPEG cache loader alone (no model), crops on {device.type}", cached, device)
     rates["cache"] = measure(f"JPEG cache, crops on {device.type}", lambda: project_loop(
         "resnet18", None, None, bs, device, flags=best_flags, image_size=size, loader=cached), device)
     train_loader, _ = build_loaders(dataset, dataset, bs, args.workers, 0, 1, 0, pin_memory=device.type == "cuda")
+    loader_only(f"JPEG files loader alone (no model), {args.workers} PIL workers", train_loader, device)
     rates["files"] = measure(f"JPEG files, {args.workers} PIL workers", lambda: project_loop(
         "resnet18", None, None, bs, device, flags=best_flags, image_size=size, loader=train_loader), device)
     ceiling = rates[best_label]

@@ -53,42 +53,45 @@ def throughput(command, log_dir):
     return run
 
 
-def all_reduce_worker(rank, port, numel, calls, result_path):
+def all_reduce_worker(rank, port, sizes, calls, result_path):
+    """Median seconds of dist.all_reduce for each flat float32 size, in a 2-process gloo group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    tensor = torch.randn(numel)
-    times = []
-    for call in range(calls + 3):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.all_reduce(tensor)
-        if call >= 3:  # three warm-up calls
-            times.append(time.perf_counter() - start)
+    medians = []
+    for numel in sizes:
+        tensor, times = torch.randn(numel), []
+        for call in range(calls + 3):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            if call >= 3:  # three warm-up calls
+                times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
     if rank == 0:
         with open(result_path, "w") as f:
-            f.write(str(statistics.median(times)))
+            f.write(" ".join(map(str, medians)))
     dist.destroy_process_group()
 
 
-def all_reduce_seconds(numel, calls, scratch):
+def all_reduce_seconds(sizes, calls, scratch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = os.path.join(scratch, f"allreduce-{numel}")
-    mp.spawn(all_reduce_worker, args=(port, numel, calls, path), nprocs=2)
+    path = os.path.join(scratch, "allreduce")
+    mp.spawn(all_reduce_worker, args=(port, sizes, calls, path), nprocs=2)
     with open(path) as f:
-        return float(f.read())
+        return [float(value) for value in f.read().split()]
 
 
 def main():
     p = common.parser(__doc__, repeats=3)
-    p.add_argument("--count", type=int, help="training JPEGs (default 1024, 256 with --quick)")
+    p.add_argument("--count", type=int, help="training JPEGs (default 1024, 128 with --quick)")
     args = p.parse_args()
-    count = args.count or (256 if args.quick else 1024)
+    count = args.count or (128 if args.quick else 1024)
     rounds = common.repeats(args)
     scratch = tempfile.mkdtemp(prefix="bench-procs-")
-    rows, comm_rows, saved_rows = [], [], []
+    rows, comm_rows, saved_rows, results = [], [], [], {}
     try:
         root = make_dataset(os.path.join(scratch, "data"), count, 64, size=(160, 120))
         prep, _ = torchrun(root, scratch, 1, "tiny_cnn", ["--limit_train_batches", "1"], epochs=1)
@@ -96,29 +99,30 @@ def main():
         configs = [("1 process", 1, ()), ("2 processes", 2, ()),
                    ("2 processes, accumulation 4", 2, ("--gradient_accumulation_steps", "4")),
                    ("1 process, accumulation 4", 1, ("--gradient_accumulation_steps", "4"))]
-        if args.quick:
-            configs = configs[:3]
-        for model in ("tiny_cnn", "resnet18"):
-            runners = {}
-            for label, nproc, extra in configs:
-                runners[label] = throughput(*torchrun(root, scratch, nproc, model, extra, epochs=1 if args.quick else 2))
-            results = {name: [] for name in runners}
+        configs = configs[:3] if args.quick else configs
+        models = ("tiny_cnn",) if args.quick else ("tiny_cnn", "resnet18")  # --quick: torchrun runs of tiny_cnn only
+        for model in models:
+            runners = {label: throughput(*torchrun(root, scratch, nproc, model, extra, epochs=1 if args.quick else 2))
+                       for label, nproc, extra in configs}
+            results[model] = {name: [] for name in runners}
             for _ in range(rounds):  # fresh processes every run: the preparation run was the warm-up
                 for name, run in runners.items():
-                    results[name].append(run())
-            for name, values in results.items():
-                median, ratio, spread = common.summary(values, results["1 process"])
+                    results[model][name].append(run())
+            for name, values in results[model].items():
+                median, ratio, spread = common.summary(values, results[model]["1 process"])
                 rows.append([model, name, common.fmt(median), f"{ratio:.2f}", spread])
 
-            numel = sum(p.numel() for p in build_model(model, 10).parameters())
-            seconds = all_reduce_seconds(numel, 5 if args.quick else 20, scratch)
-            step_2p = 2 * BATCH / statistics.median(results["2 processes"])  # seconds per step, each rank
-            comm_rows.append([model, f"{numel:,}", f"{numel * 4 / 2**20:.1f}", f"{seconds * 1000:.2f}",
-                              f"{step_2p * 1000:.0f}", f"{100 * seconds / step_2p:.1f}%"])
+        sizes = {model: sum(p.numel() for p in build_model(model, 10).parameters()) for model in ("tiny_cnn", "resnet18")}
+        seconds = dict(zip(sizes, all_reduce_seconds(list(sizes.values()), 5 if args.quick else 20, scratch)))
+        for model, numel in sizes.items():
+            step_2p = 2 * BATCH / statistics.median(results[model]["2 processes"]) if model in results else None
+            comm_rows.append([model, f"{numel:,}", f"{numel * 4 / 2**20:.1f}", f"{seconds[model] * 1000:.2f}",
+                              f"{step_2p * 1000:.0f}" if step_2p else "-",
+                              f"{100 * seconds[model] / step_2p:.1f}%" if step_2p else "-"])
             micro = (math.ceil(count / 2)) // BATCH  # per process and epoch (drop_last)
             updates = math.ceil(micro / 4)
             saved_rows.append([model, micro, micro, updates, micro - updates,
-                               f"{(micro - updates) * seconds * 1000:.0f}"])
+                               f"{(micro - updates) * seconds[model] * 1000:.0f}"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     body = (common.table(["model", "configuration", "images/s, all ranks (median)", "ratio to 1 process (median)",
