@@ -57,6 +57,9 @@ def machine_info():
              f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}"]
     if "lightning" in sys.modules:
         lines[-1] += f", lightning {sys.modules['lightning'].__version__}"
+    if IDLE_BEFORE is not None and IDLE_BEFORE < 0.9:
+        lines.append(f"- **warning: the machine was not idle**: just before this script started, other processes "
+                     f"kept {100 * (1 - IDLE_BEFORE):.0f}% of the CPU time busy; treat these numbers as noisy")
     lines.append(f"- total run time of this script: {time.perf_counter() - STARTED:.0f} s")
     return "\n".join(lines)
 
@@ -66,10 +69,26 @@ def load_average():
         with open("/proc/loadavg") as f:
             return " ".join(f.read().split()[:3])
     except OSError:
-        return "n/a"
+        return "0 0 0"
+
+
+def idle_fraction(seconds=0.5):
+    """Share of all cores' time spent idle over `seconds` (from /proc/stat), or None."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(total1 - total0, 1)
 
 
 STARTED_LOAD = load_average()
+IDLE_BEFORE = idle_fraction()  # measured before the script does any work
 
 
 def table(header, rows):

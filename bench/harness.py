@@ -85,9 +85,8 @@ def memory_format(args):
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
-def bare_loop(model_name, images, labels, batch_size, device, classes=10, contiguous_input=False):
-    """The minimal loop a person would write: index, normalise, forward, backward, step.
-    The batch is a permuted (channels-last strided) view; `contiguous_input` makes it plain NCHW."""
+def bare_loop(model_name, images, labels, batch_size, device, classes=10):
+    """The minimal loop a person would write: index, normalise, forward, backward, step."""
     torch.manual_seed(0)
     model = build_model(model_name, classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -102,7 +101,6 @@ def bare_loop(model_name, images, labels, batch_size, device, classes=10, contig
         for step in range(steps):
             index = order[step * batch_size:(step + 1) * batch_size]
             x = normalize(pixels[index].to(device).permute(0, 3, 1, 2).contiguous())  # NCHW, as a DataLoader gives
-            x = x.contiguous() if contiguous_input else x
             loss = F.cross_entropy(model(x), targets[index].to(device))
             loss.backward()
             optimizer.step()

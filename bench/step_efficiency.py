@@ -4,9 +4,6 @@ All loops train on the same in-memory uint8 images (harness.synthetic_images) wi
 (model.build_model), AdamW(lr=1e-3, fused=True) and the same normalisation (dataset.normalize):
 
 - bare: harness.bare_loop, index + normalise + forward + backward + step (the 1.0 reference);
-- bare, NCHW input: the same with the batch made contiguous NCHW (Lightning's batch layout: a
-  DataLoader's collate stacks into plain NCHW, while the bare and project loops feed a permuted,
-  channels-last-strided view); it separates the layout effect from the framework overhead;
 - project: harness.project_loop, i.e. train_ddp.train_one_epoch over image_cache.CachedBatches;
 - project --channels_last: the same with the --channels_last flag;
 - lightning: a LightningModule fed by a DataLoader over a TensorDataset of the same uint8 tensors
@@ -92,7 +89,6 @@ def measure(model_name, size, batch, count, rounds):
         return epoch_rate
 
     runners = {"bare": harness.bare_loop(model_name, images, labels, batch, cpu),
-               "bare, NCHW input": harness.bare_loop(model_name, images, labels, batch, cpu, contiguous_input=True),
                "project": harness.project_loop(model_name, images, labels, batch, cpu),
                "project --channels_last": harness.project_loop(model_name, images, labels, batch, cpu,
                                                                flags=("--channels_last",)),
@@ -123,8 +119,7 @@ def main():
         f"{rounds} timed round(s) after 1 warm-up round, loops interleaved within each round; ratios are "
         "per round (same round, side by side), then median and min..max.",
         "Epoch sizes: " + "; ".join(sizes) + ". One process, CPU, float32.",
-        "Layouts: bare and project feed a permuted uint8 view (channels-last strides) to a contiguous model; "
-        "'bare, NCHW input' and Lightning feed plain NCHW; --channels_last converts model and input.",
+        "Every loop feeds contiguous NCHW batches to a contiguous model; --channels_last converts both.",
         "'lightning' is timed from on_train_epoch_start to on_train_epoch_end; 'lightning, whole fit()' "
         "times trainer.fit (setup and teardown included), Trainer construction excluded in both."])
 

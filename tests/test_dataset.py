@@ -1,5 +1,4 @@
 """dataset.py: crop boxes, per-sample deterministic augmentation, loaders, folder checks, the demo."""
-import argparse
 import math
 import os
 import random
@@ -15,6 +14,7 @@ from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResiz
 from torchvision.transforms import InterpolationMode
 
 from conftest import CLASSES
+from config import parse_args
 from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      EpochTaggedSampler, build_datasets, build_loaders, check_data_folders, normalize,
                      open_rgb, prepare_digits_demo, random_resized_crop_box, sample_seed)
@@ -36,10 +36,11 @@ def torchvision_params(width, height, scale):
 
 
 def data_args(data, **overrides):
-    args = dict(train_dir=data["train_dir"], val_dir=data["val_dir"], image_size=16, seed=0,
-                min_crop_scale=0.08, hflip_prob=0.5, skip_bad_images=False)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    """The real parsed flags (train_ddp.py's defaults) for the tiny dataset."""
+    args = parse_args(["--train_dir", data["train_dir"], "--val_dir", data["val_dir"], "--image_size", "16",
+                       "--seed", "0"])
+    vars(args).update(overrides)
+    return args
 
 
 def collect(loader):
