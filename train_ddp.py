@@ -126,7 +126,8 @@ def train(args, ctx, stop):
             ema.module.load_state_dict(checkpoint["ema_state_dict"])
             ema.n_averaged.fill_(checkpoint["ema_num_averaged"])
         run.update({key: checkpoint.get(key, run[key]) for key in run})
-        restore_rng_state(run["rng"][ctx.rank % len(run["rng"])])
+        if run["rng"]:
+            restore_rng_state(run["rng"][ctx.rank % len(run["rng"])])
         main_print(ctx, f"Resumed from {resume_path}: epoch {run['epoch']} done"
                         + (f" and {run['step']} steps of epoch {run['epoch'] + 1}" if run["step"] else "")
                         + f", best acc {run['best_acc']:.2f}%")
@@ -224,12 +225,12 @@ def train(args, ctx, stop):
     logger.close()
     seconds = time.perf_counter() - began
     took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-    if writes_files:
+    if not writes_files:
+        main_print(ctx, f"fast_dev_run passed in {took}: one train and one val batch ran; no files written.")
+    elif run["best_metric"] is not None and exit_code == 0:
         main_print(ctx, f"Done in {took}: best {args.monitor_metric} {run['best_metric']:.4g} at epoch "
                         f"{run['best_epoch']} (best val acc {run['best_acc']:.2f}%); checkpoints in "
                         f"{args.checkpoint_dir}/, history and config in {args.log_dir}/")
-    else:
-        main_print(ctx, f"fast_dev_run passed in {took}: one train and one val batch ran; no files written.")
     return exit_code
 
 
