@@ -142,29 +142,39 @@ class CachedBatches:
                             for s in islice(starts, 2 * READER_THREADS))
             try:
                 while pending:
-                    pixels, labels, indices, boxes, flips = pending.popleft().result()
+                    images, labels, indices, boxes, flips = pending.popleft().result()
                     for s in islice(starts, 1):
                         pending.append(readers.submit(self.read_batch, keys[s:s + self.batch_size]))
-                    pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-                    if boxes is None:
-                        images = TF.center_crop(pixels, self.image_size).contiguous()  # NCHW, as from files
-                    else:
-                        images = self.crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
+                    if boxes is not None:  # crop on the GPU, the whole batch in one call
+                        images = self.crop_and_flip(images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
+                                                    boxes.to(self.device, non_blocking=True),
                                                     flips.to(self.device, non_blocking=True))
-                    yield images, labels, indices, 0
+                    yield images.to(self.device, non_blocking=True), labels, indices, 0
             finally:
                 for future in pending:  # the loop stopped early (--limit_train_batches, an error)
                     future.cancel()
 
     def read_batch(self, chunk):
+        """One batch from the cache. For a GPU: the stored pixels in pinned memory plus crop boxes
+        (cropped there). For the CPU: finished uint8 crops, made here in the reader thread with
+        torchvision's uint8 resize, which releases the GIL (roi_align is slow on CPUs)."""
         indices = np.array([key[1] if self.train else key for key in chunk])
         pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
         np.take(self.images, indices, axis=0, out=pixels.numpy())  # one copy, into pinned memory
-        boxes = flips = None
-        if self.train and self.augment:
-            boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-        return pixels, self.labels[indices], torch.from_numpy(indices), boxes, flips
+        labels, index_tensor = self.labels[indices], torch.from_numpy(indices)
+        if not (self.train and self.augment):
+            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, index_tensor, None, None
+        boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+        if self.device.type == "cuda":
+            return pixels, labels, index_tensor, boxes, flips
+        crops = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for row, (box, flip) in enumerate(zip(boxes.tolist(), flips.view(-1).tolist())):
+            _, left, top, right, bottom = (int(v) for v in box)
+            crop = TF.resized_crop(pixels[row].permute(2, 0, 1), top, left, bottom - top, right - left,
+                                   [self.image_size, self.image_size], antialias=True)
+            crops[row] = crop.flip(-1) if flip else crop
+        return crops, labels, index_tensor, None, None
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path."""
