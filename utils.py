@@ -142,6 +142,9 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lear
 
 def append_history(history, record):
     """Add one epoch's values; optional metrics (the EMA's) get their own lists."""
+    missing = [key for key in HISTORY_KEYS if key not in record]
+    if missing:
+        raise KeyError(f"history record lacks {missing}")
     for key, value in record.items():
         history.setdefault(key, []).append(value)
 

@@ -27,7 +27,7 @@ def test_two_cpu_processes_through_torchrun_with_flags_passed_unchanged(tiny_dat
     command = next(line for line in result.stdout.splitlines() if line.startswith("Running: "))
     assert f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 --standalone" in command
     assert command.endswith(" ".join(data_flags(tiny_data, out, batch_size=3, seed=7)))
-    assert "2 processes on cpu (gloo), effective batch 6" in result.stdout
+    assert "2 processes on cpu (gloo); effective batch 6 (3 x 2 processes x 1 accumulation)" in result.stdout
     latest = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
     assert latest["config"]["batch_size"] == 3 and latest["config"]["seed"] == 7
 

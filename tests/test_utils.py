@@ -22,7 +22,7 @@ def three_epoch_history():
         record = dict.fromkeys(HISTORY_KEYS, 0)  # counters such as skipped images stay 0 here
         record.update(epoch=epoch, train_loss=2.0 / epoch, train_acc=30.0 * epoch, val_loss=2.2 / epoch,
                       val_acc=28.0 * epoch, learning_rate=1e-3 / epoch, epoch_seconds=1.5,
-                      samples_per_second=400.0 + epoch, extra="ignored")
+                      samples_per_second=400.0 + epoch, ema_val_acc=27.0 * epoch)
         append_history(history, record)
     return history
 
@@ -35,12 +35,12 @@ def plot_cmd(*args):
 
 def test_history_has_one_list_per_key_and_appends_records_in_order():
     history = three_epoch_history()
-    assert list(history) == list(HISTORY_KEYS)
+    assert list(history) == list(HISTORY_KEYS) + ["ema_val_acc"]  # optional metrics get their own list
     assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "learning_rate", "epoch_seconds",
             "samples_per_second"} <= set(HISTORY_KEYS)
     assert history["epoch"] == [1, 2, 3]
     assert history["val_acc"] == [28.0, 56.0, 84.0]
-    assert "extra" not in history
+    assert history["ema_val_acc"] == [27.0, 54.0, 81.0]
     with pytest.raises(KeyError):
         append_history(history, dict(epoch=4))
     assert new_history() == {key: [] for key in HISTORY_KEYS}
