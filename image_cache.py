@@ -15,6 +15,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -123,6 +124,9 @@ class CachedBatches:
     def __init__(self, images, labels, sampler, batch_size, train, image_size, device, drop_last,
                  seed=0, crop_scale=(0.08, 1.0), hflip_prob=0.5, augment=True):
         self.images, self.labels, self.sampler = images, torch.as_tensor(labels), sampler
+        with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
+            warnings.simplefilter("ignore", UserWarning)
+            self.pixels = torch.from_numpy(images)
         self.batch_size, self.train, self.image_size, self.device = batch_size, train, image_size, device
         self.drop_last, self.seed, self.crop_scale, self.hflip_prob = drop_last, seed, crop_scale, hflip_prob
         self.augment = augment
@@ -161,7 +165,9 @@ class CachedBatches:
         indices = np.array([key[1] if self.train else key for key in chunk])
         pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
-        np.take(self.images, indices, axis=0, out=pixels.numpy())  # one copy, into pinned memory
+        # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it and
+        # stalled the training thread's kernel launches: a py-spy profile in BENCHMARKS.md).
+        torch.index_select(self.pixels, 0, torch.from_numpy(indices), out=pixels)
         labels, index_tensor = self.labels[indices], torch.from_numpy(indices)
         if not (self.train and self.augment):
             return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, index_tensor, None, None
