@@ -9,6 +9,7 @@ or dict, so `torch.load(path)` works under PyTorch's default `weights_only=True`
 """
 import os
 import pickle
+import shutil
 
 import torch
 
@@ -41,11 +42,31 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)
     except OSError as exc:  # disk full, permission denied, file too large: the old file stays
         remove_quietly(tmp)
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
-                              f"checkpoint there is untouched; free space or pick another --checkpoint_dir") from None
+        raise save_failed(path, exc) from None
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+def copy_checkpoint(source, path):
+    """Give a just-written checkpoint a second name without serialising it again: a hard link
+    (no copy; the next save of `source` renames a new file over it, so this name keeps its
+    content), or a copy where links are not supported. Atomic like save_checkpoint."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise save_failed(path, exc) from None
+
+
+def save_failed(path, exc):
+    return CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
+                           "checkpoint there is untouched; free space or pick another --checkpoint_dir")
 
 
 def remove_quietly(path):

@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record as record_er
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_resumable, load_checkpoint, remove_quietly, restore_rng_state,
+from checkpoint import (CheckpointError, check_resumable, copy_checkpoint, load_checkpoint, remove_quietly, restore_rng_state,
                         rng_state, save_checkpoint, unwrap)
 from config import ConfigError, parse_args
 from dataset import DataError, build_datasets, build_loaders, normalize, prepare_digits_demo
@@ -155,8 +155,10 @@ def train(args, ctx, stop):
                      train_partial=partials if partial is not None else None)
         if ema is not None:
             state.update(ema_state_dict=ema.module.state_dict(), ema_num_averaged=int(ema.n_averaged))
-        for name in names:
-            save_checkpoint(state, os.path.join(args.checkpoint_dir, name))
+        first = os.path.join(args.checkpoint_dir, names[0])
+        save_checkpoint(state, first)
+        for name in names[1:]:  # best / top-k: the same bytes under another name
+            copy_checkpoint(first, os.path.join(args.checkpoint_dir, name))
 
     logger = RunLogger(args, ctx)
     training = Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, batches_per_epoch,
