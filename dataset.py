@@ -228,12 +228,19 @@ def leave_process_group(_worker_id):
     os.setsid()
 
 
-def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
-    """Train loader over a DistributedSampler; val loader over this rank's unpadded shard."""
+def train_sampler(train_set, batch_size, rank, world_size, seed):
+    """This rank's epoch-tagged training sampler; refuses a shard smaller than one batch (with
+    drop_last it would train on nothing)."""
     sampler = EpochTaggedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed)
     if sampler.num_samples < batch_size:
         raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per "
                         f"process: fewer than --batch_size {batch_size}; lower --batch_size")
+    return sampler
+
+
+def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
+    """Train loader over a DistributedSampler; val loader over this rank's unpadded shard."""
+    sampler = train_sampler(train_set, batch_size, rank, world_size, seed)
     # Own generators: creating a loader iterator then draws nothing from the global torch RNG,
     # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,

@@ -29,8 +29,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from dataset import (EVAL_RESIZE_FRACTION, DataError, EpochTaggedSampler, open_rgb, random_resized_crop_box,
-                     sample_seed)
+from dataset import (EVAL_RESIZE_FRACTION, DataError, open_rgb, random_resized_crop_box, sample_seed,
+                     train_sampler)
 
 
 READER_THREADS = min(4, os.cpu_count() or 1)
@@ -215,10 +215,7 @@ def build_cached_loaders(train_set, val_set, args, ctx):
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + ("reused" if already else f"built in {time.perf_counter() - began:.1f} s"), flush=True)
         opened.append(images)
-    sampler = EpochTaggedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
-    if sampler.num_samples < args.batch_size:
-        raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per process: "
-                        f"fewer than --batch_size {args.batch_size}; lower --batch_size")
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
     train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,
                                  ctx.device, drop_last=True, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
                                  hflip_prob=args.hflip_prob, augment=train_set.augment)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd, write_image_folder
 from dataset import AugmentedImageFolder, EpochTaggedSampler, random_resized_crop_box
-from image_cache import CachedBatches, build_or_open, cache_path, storage_size
+from image_cache import CachedBatches, build_or_open, storage_size
 
 NO_BARRIER = lambda: None  # noqa: E731  one process
 
@@ -118,7 +118,7 @@ def test_a_cache_that_does_not_fit_on_disk_is_refused_clearly(tiny_data, tmp_pat
         result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), image_size=128,
                                                cache_images=str(small))), check=False)
         assert result.returncode == 2
-        assert f"error: the image cache needs" in result.stderr and f"{small} has 0.00 GiB free" in result.stderr
+        assert "error: the image cache needs" in result.stderr and f"{small} has 0.00 GiB free" in result.stderr
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)])

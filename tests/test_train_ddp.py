@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_ddp
-from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun,
+from conftest import (assert_same_weights, data_flags, load_weights, run_cli, torchrun,
                       train_cmd)
 from dataset import AugmentedImageFolder, build_loaders
 from model import build_model
