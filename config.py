@@ -1,4 +1,7 @@
-"""The training flags of train_ddp.py (and so of launch_ddp.py), their defaults and their checks."""
+"""The training flags of train_ddp.py (and so of launch_ddp.py), their defaults and their checks.
+
+Torch-free, so launch_ddp.py can refuse bad flags and data folders in a fraction of a second.
+"""
 import argparse
 import json
 import os
@@ -12,6 +15,35 @@ DEMO_DEFAULTS = dict(epochs=6, image_size=32, batch_size=32, learning_rate=2e-3,
 
 class ConfigError(ValueError):
     """Flag values that cannot work; the message names the flag and what it accepts."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+def class_folders(root, role):
+    """The sorted class sub-folder names of an ImageFolder root, with clear errors."""
+    if not os.path.exists(root):
+        raise DataError(f"{role} folder not found: {root} (pass --{role}_dir PATH, or --demo)")
+    if not os.path.isdir(root):
+        raise DataError(f"{role} folder is not a directory: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{role} folder {root} has no class sub-folders; expected "
+                        f"{root}/<class_name>/<image files>")
+    return classes
+
+
+def check_data_folders(train_dir, val_dir):
+    """Class names from the train folder; val must hold exactly the same classes."""
+    train_classes = class_folders(train_dir, "train")
+    val_classes = class_folders(val_dir, "val")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
+                        f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
+    return train_classes
 
 
 def build_parser():

@@ -23,39 +23,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, default_col
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from config import DataError, check_data_folders, class_folders
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_RESIZE_FRACTION = 0.875  # resize to size/0.875, then center-crop: the torchvision recipe
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
-
-
-def class_folders(root, role):
-    """The sorted class sub-folder names of an ImageFolder root, with clear errors."""
-    if not os.path.exists(root):
-        raise DataError(f"{role} folder not found: {root} (pass --{role}_dir PATH, or --demo)")
-    if not os.path.isdir(root):
-        raise DataError(f"{role} folder is not a directory: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{role} folder {root} has no class sub-folders; expected "
-                        f"{root}/<class_name>/<image files>")
-    return classes
-
-
-def check_data_folders(train_dir, val_dir):
-    """Class names from the train folder; val must hold exactly the same classes."""
-    train_classes = class_folders(train_dir, "train")
-    val_classes = class_folders(val_dir, "val")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
-                        f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
-    return train_classes
 
 
 def sample_seed(seed, epoch, index):

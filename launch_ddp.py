@@ -8,16 +8,14 @@ Launcher flags are below; every other flag goes to train_ddp.py unchanged (see i
 Without CUDA, --num_gpus N runs N CPU processes on the gloo backend.
 """
 import argparse
+import ctypes
 import os
 import shlex
 import signal
 import subprocess
 import sys
 
-import torch
-
-from config import ConfigError, parse_args
-from dataset import DataError, check_data_folders
+from config import ConfigError, DataError, check_data_folders, parse_args
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ddp.py")
 
@@ -41,6 +39,25 @@ def build_parser():
     return parser
 
 
+def cuda_device_count():
+    """The CUDA devices the workers will see (CUDA_VISIBLE_DEVICES applied), asked of the driver.
+
+    The launcher never imports torch: that would add seconds to every start, and torchrun and the
+    workers import it anyway. ROCm machines (no libcuda) fall back to asking torch.
+    """
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        if not os.path.exists("/dev/kfd"):
+            return 0
+        import torch
+        return torch.cuda.device_count()
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def torchrun_command(args, train_argv):
     """The exact command: torchrun as a module of this interpreter, so the same environment runs it."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.num_gpus}"]
@@ -57,7 +74,7 @@ def torchrun_command(args, train_argv):
     return command + [TRAIN_SCRIPT] + train_argv
 
 
-def check_launch(args, train_argv):
+def check_launch(args, train_argv, visible_gpus):
     """Refuse bad flags and data before anything spawns: one message instead of N tracebacks."""
     if args.num_gpus < 1:
         raise ConfigError(f"--num_gpus must be at least 1, got {args.num_gpus}")
@@ -65,11 +82,9 @@ def check_launch(args, train_argv):
         raise ConfigError(f"--node_rank must be in 0..{args.num_nodes - 1}, got {args.node_rank}")
     if args.max_restarts < 0:
         raise ConfigError(f"--max_restarts must be 0 or more, got {args.max_restarts}")
-    if torch.cuda.is_available():
-        visible = torch.cuda.device_count()
-        if args.num_gpus > visible:
-            raise ConfigError(f"--num_gpus {args.num_gpus} but only {visible} CUDA device(s) are visible; "
-                              f"use --num_gpus {visible} or fewer (check CUDA_VISIBLE_DEVICES)")
+    if visible_gpus and args.num_gpus > visible_gpus:
+        raise ConfigError(f"--num_gpus {args.num_gpus} but only {visible_gpus} CUDA device(s) are visible; "
+                          f"use --num_gpus {visible_gpus} or fewer (check CUDA_VISIBLE_DEVICES)")
     train_args = parse_args(train_argv)
     if not train_args.demo:
         check_data_folders(train_args.train_dir, train_args.val_dir)
@@ -100,12 +115,13 @@ def main(argv=None):
         print("\ntrain_ddp.py flags:\n")
         subprocess.run([sys.executable, TRAIN_SCRIPT, "--help"])
         return 0
+    visible_gpus = cuda_device_count()
     try:
-        check_launch(args, train_argv)
+        check_launch(args, train_argv, visible_gpus)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
+    if not visible_gpus:
         print(f"No CUDA device: running {args.num_gpus} CPU process(es) on the gloo backend.", flush=True)
     command = torchrun_command(args, train_argv)
     print("Running:", shlex.join(command), flush=True)

@@ -78,11 +78,20 @@ def test_bad_launch_input_is_refused_before_anything_spawns(tiny_data, tmp_path)
 
 def test_more_gpus_than_visible_is_one_clear_error(monkeypatch, capsys, tiny_data, tmp_path):
     # No GPU on the CI machine: pretend two are visible (checked for real on a GPU in BENCHMARKS.md).
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch_ddp, "cuda_device_count", lambda: 2)
     code = launch_ddp.main(["--num_gpus", "4"] + data_flags(tiny_data, str(tmp_path)))
     err = capsys.readouterr().err
     assert code == 2 and "--num_gpus 4 but only 2 CUDA device(s) are visible" in err
+
+
+def test_the_launcher_checks_flags_gpus_and_data_without_importing_torch(tiny_data, tmp_path):
+    # torchrun and every worker import torch anyway; a third import in the launcher cost seconds.
+    check = ("import sys, launch_ddp; args, rest = launch_ddp.build_parser().parse_known_args(sys.argv[1:]); "
+             "launch_ddp.check_launch(args, rest, launch_ddp.cuda_device_count()); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy')))")
+    result = run_cli([sys.executable, "-c", check, "--num_gpus", "2"] + data_flags(tiny_data, str(tmp_path)))
+    assert result.stdout.strip() == "[]"
+    assert launch_ddp.cuda_device_count() == torch.cuda.device_count()
 
 
 def test_sigterm_to_the_launcher_reaches_the_workers_and_everything_exits(tiny_data, tmp_path):
