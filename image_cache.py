@@ -136,51 +136,84 @@ class CachedBatches:
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
-        """Reader threads gather upcoming batches into pinned memory (numpy releases the GIL while
-        copying) and draw their crop boxes while the device trains on the current one; batches
-        are consumed in order, so every result is unchanged."""
+        """Reader threads gather upcoming batches into pinned memory and draw their crop boxes while
+        the device trains on the current one. On a GPU the next batch is copied and cropped on a
+        side stream during the current step, so the compute stream only ever trains. Batches are
+        consumed in order, so every result is unchanged."""
         keys = list(iter(self.sampler))
         starts = iter(range(0, len(self) * self.batch_size, self.batch_size))
+        side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with ThreadPoolExecutor(max_workers=READER_THREADS) as readers:
             pending = deque(readers.submit(self.read_batch, keys[s:s + self.batch_size])
                             for s in islice(starts, 2 * READER_THREADS))
+            staged = None
             try:
                 while pending:
-                    images, labels, indices, boxes, flips = pending.popleft().result()
+                    batch = self.stage(pending.popleft().result(), side_stream)
                     for s in islice(starts, 1):
                         pending.append(readers.submit(self.read_batch, keys[s:s + self.batch_size]))
-                    if boxes is not None:  # crop on the GPU, the whole batch in one call
-                        images = self.crop_and_flip(images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
-                                                    boxes.to(self.device, non_blocking=True),
-                                                    flips.to(self.device, non_blocking=True))
-                    yield images.to(self.device, non_blocking=True), labels, indices, 0
+                    if staged is not None:
+                        yield self.hand_over(staged)
+                    staged = batch
+                if staged is not None:
+                    yield self.hand_over(staged)
             finally:
                 for future in pending:  # the loop stopped early (--limit_train_batches, an error)
                     future.cancel()
 
+    def stage(self, batch, side_stream):
+        """Queue a read batch's copy to the GPU and its crops on the side stream; returns at once."""
+        images, labels, indices, boxes, flips = batch
+        if side_stream is None:
+            return images, labels, indices, None
+        with torch.cuda.stream(side_stream):
+            pixels = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            if boxes is None:
+                images = TF.center_crop(pixels, self.image_size).contiguous()
+            else:
+                images = self.crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
+                                            flips.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True)
+            return images, labels, indices, side_stream.record_event()
+
+    def hand_over(self, staged):
+        """The compute stream waits for this batch only (not for the one staged after it), and the
+        allocator keeps its memory until the compute stream is done with it."""
+        images, labels, indices, ready = staged
+        if ready is not None:
+            compute_stream = torch.cuda.current_stream(self.device)
+            compute_stream.wait_event(ready)
+            images.record_stream(compute_stream)
+            labels.record_stream(compute_stream)
+        return images, labels, indices, 0
+
     def read_batch(self, chunk):
-        """One batch from the cache. For a GPU: the stored pixels in pinned memory plus crop boxes
-        (cropped there). For the CPU: finished uint8 crops, made here in the reader thread with
-        torchvision's uint8 resize, which releases the GIL (roi_align is slow on CPUs)."""
-        indices = np.array([key[1] if self.train else key for key in chunk])
-        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8,
-                             pin_memory=self.device.type == "cuda")
+        """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
+        memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
+        made here in the reader thread with torchvision's uint8 resize, which releases the GIL
+        (roi_align is slow on CPUs)."""
+        on_gpu = self.device.type == "cuda"
+        indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
+        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
         # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it and
         # stalled the training thread's kernel launches: a py-spy profile in BENCHMARKS.md).
-        torch.index_select(self.pixels, 0, torch.from_numpy(indices), out=pixels)
-        labels, index_tensor = self.labels[indices], torch.from_numpy(indices)
-        if not (self.train and self.augment):
-            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, index_tensor, None, None
-        boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-        if self.device.type == "cuda":
-            return pixels, labels, index_tensor, boxes, flips
+        torch.index_select(self.pixels, 0, indices, out=pixels)
+        labels = self.labels[indices]
+        boxes = flips = None
+        if self.train and self.augment:
+            boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+        if on_gpu:
+            pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
+            return (pixels, pinned[0], indices) + tuple(pinned[1:])
+        if boxes is None:
+            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None, None
         crops = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
         for row, (box, flip) in enumerate(zip(boxes.tolist(), flips.view(-1).tolist())):
             _, left, top, right, bottom = (int(v) for v in box)
             crop = TF.resized_crop(pixels[row].permute(2, 0, 1), top, left, bottom - top, right - left,
                                    [self.image_size, self.image_size], antialias=True)
             crops[row] = crop.flip(-1) if flip else crop
-        return crops, labels, index_tensor, None, None
+        return crops, labels, indices, None, None
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes and flips from sample_seed(seed, epoch, index), as on the file path."""

@@ -3,7 +3,7 @@ precision (fp32, AMP fp16, AMP bf16) x channels_last x torch.compile on syntheti
 the GPU (the ceiling), then the real input pipelines on ~500x375 JPEGs: the decoded-image cache
 (crops on the GPU) and the file path (PIL workers). Peak GPU memory per configuration.
 
-    python bench/gpu.py [--batch_size 256] [--steps 60] [--images 8000] [--quick] [--device cpu]
+    python bench/gpu.py [--batch_size 256] [--steps 60] [--images 8000] [--quick] [--device cpu] [--pipelines]
 """
 import argparse
 import os
@@ -64,6 +64,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="measure only the torch.compile configurations (slow to warm up: run it separately)")
+    parser.add_argument("--pipelines", action="store_true",
+                        help="only the synthetic ceiling for AMP fp16 + channels_last, then the real pipelines")
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.images = 8, 3, 64
@@ -80,6 +82,8 @@ def main():
             for compiled in ((True,) if args.compile else (False,)):
                 if compiled and precision == "fp32":
                     continue  # compile cost is paid for the mixed-precision configurations only
+                if args.pipelines and (precision, channels_last) != ("fp16", True):
+                    continue
                 extra = flags + (["--channels_last"] if channels_last else []) + (["--compile"] if compiled else [])
                 label = f"synthetic, {precision}{', channels_last' if channels_last else ''}{', compile' if compiled else ''}"
                 rates[label] = measure(label, lambda: project_loop(
@@ -110,6 +114,8 @@ def main():
         "resnet18", None, None, bs, device, flags=best_flags, image_size=size, loader=train_loader), device)
     ceiling = rates[best_label]
     print(f"\nRatios to synthetic ({best_label}): cache {rates['cache'] / ceiling:.2f}, files {rates['files'] / ceiling:.2f}")
+    if args.pipelines:
+        return
     fp32 = rates["synthetic, fp32"]
     for label in ("synthetic, fp16", "synthetic, bf16", "synthetic, bf16, channels_last", "synthetic, fp16, channels_last"):
         print(f"AMP speed-up over fp32: {label}: {rates[label] / fp32:.2f}x")

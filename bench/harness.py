@@ -153,7 +153,7 @@ def write_photo(path, seed, size=(500, 375)):
 
 def make_photo_folder(root, count, classes=10, workers=None):
     """An ImageFolder of `count` ~500x375 JPEGs (the size of typical photo datasets), made once."""
-    from multiprocessing import Pool
+    import multiprocessing
     marker = os.path.join(root, f".complete-{count}-{classes}")
     if os.path.exists(marker):
         return root
@@ -162,7 +162,8 @@ def make_photo_folder(root, count, classes=10, workers=None):
         folder = os.path.join(root, f"class_{i % classes:02d}")
         os.makedirs(folder, exist_ok=True)
         jobs.append((os.path.join(folder, f"{i:06d}.jpg"), i))
-    with Pool(workers or os.cpu_count()) as pool:
+    # spawn, not fork: a fork after torch has started its thread pools can deadlock the children.
+    with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
         pool.starmap(write_photo, jobs)
     open(marker, "w").close()
     return root

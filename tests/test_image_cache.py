@@ -122,3 +122,23 @@ def test_a_cache_that_does_not_fit_on_disk_is_refused_clearly(tiny_data, tmp_pat
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a lent GPU: bench/gpu.sh)")
+def test_gpu_batches_staged_on_a_side_stream_equal_crops_made_on_the_compute_stream(tiny_data, tmp_path):
+    cuda = torch.device("cuda")
+    dataset, images, _ = open_cache(tiny_data["train_dir"], 16, tmp_path / "cache", train=True)
+    sampler = EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(3)
+    loader = CachedBatches(images, dataset.targets, sampler, 4, True, 16, cuda, True, seed=0)
+    keys = list(iter(sampler))
+    for batch, (crops, labels, indices, _) in enumerate(loader):
+        pixels, expected_labels, expected_indices, boxes, flips = loader.read_batch(keys[4 * batch:4 * batch + 4])
+        expected = loader.crop_and_flip(pixels.to(cuda).permute(0, 3, 1, 2), boxes.to(cuda), flips.to(cuda))
+        assert crops.device.type == "cuda" and torch.equal(crops, expected)
+        assert torch.equal(labels.cpu(), expected_labels) and torch.equal(indices, expected_indices)
+    val_set, val_images, _ = open_cache(tiny_data["val_dir"], 16, tmp_path / "cache")
+    on_gpu, on_cpu = (CachedBatches(val_images, val_set.targets, list(range(len(val_set))), 3, False, 16, device,
+                                    False) for device in (cuda, torch.device("cpu")))
+    for (gpu_images, gpu_labels, _, _), (cpu_images, cpu_labels, _, _) in zip(on_gpu, on_cpu, strict=True):
+        assert torch.equal(gpu_images.cpu(), cpu_images) and torch.equal(gpu_labels.cpu(), cpu_labels)
