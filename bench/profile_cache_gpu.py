@@ -1,7 +1,8 @@
-"""Where the cache path's time goes on a GPU: train ResNet-18 (224 px, AMP fp16, channels_last,
-batch 256) from the image cache for a few epochs, to be run under a sampling profiler:
+"""Where the cache path's time goes on a GPU (ResNet-18, 224 px, AMP fp16, channels_last, batch 256).
 
-    py-spy record --threads --idle --format raw -o profile.txt -- python3 bench/profile_cache_gpu.py
+    python3 bench/profile_cache_gpu.py kernels   # torch.profiler: GPU time per kernel over one epoch
+    python3 bench/profile_cache_gpu.py crop      # GPU time of the batch crop alone, per batch
+    py-spy record --threads --idle --format raw -o profile.txt -- python3 bench/profile_cache_gpu.py epochs
 """
 import os
 import sys
@@ -13,15 +14,57 @@ from harness import make_photo_folder, project_loop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AugmentedImageFolder, EpochTaggedSampler  # noqa: E402
-from image_cache import CachedBatches, build_or_open  # noqa: E402
+from image_cache import CachedBatches, build_or_open, crop_and_flip  # noqa: E402
 
-data = os.path.join(tempfile.gettempdir(), "gpu_bench_photos")
-folder = make_photo_folder(data, 8000)
-dataset = AugmentedImageFolder(folder, 224, train=True)
-images, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
-loader = CachedBatches(images, dataset.targets, EpochTaggedSampler(dataset, 1, 0, seed=0), 256, True, 224,
-                       torch.device("cuda"), drop_last=True)
-run = project_loop("resnet18", None, None, 256, torch.device("cuda"), image_size=224, loader=loader,
-                   flags=["--use_amp", "--amp_dtype", "float16", "--channels_last"])
-for epoch in range(4):
-    print(f"epoch {epoch}: {run():,.0f} images/s", flush=True)
+CUDA = torch.device("cuda")
+FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
+
+
+def cached_loader():
+    data = os.path.join(tempfile.gettempdir(), "gpu_bench_photos")
+    folder = make_photo_folder(data, 8000)
+    dataset = AugmentedImageFolder(folder, 224, train=True)
+    images, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
+    return CachedBatches(images, dataset.targets, EpochTaggedSampler(dataset, 1, 0, seed=0), 256, True, 224,
+                         CUDA, drop_last=True)
+
+
+def kernels(loader):
+    """GPU time by kernel over one epoch after a warm-up epoch: how much of it the crop takes."""
+    run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=loader, flags=FLAGS)
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        rate = run()
+        torch.cuda.synchronize()
+    print(f"epoch under the profiler: {rate:,.0f} images/s")
+    print(profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+def crop(loader):
+    """The crop's own GPU time per batch (stored pixels already on the GPU), by CUDA events."""
+    keys = list(iter(loader.sampler))
+    pixels, _, _, boxes, flips = loader.read_batch(keys[:256])
+    pixels, boxes, flips = pixels.to(CUDA), boxes.to(CUDA), flips.to(CUDA)
+    pinned = loader.read_batch(keys[:256])[0]
+    for name, fn in [("copy to GPU (pinned, 256 x 256 x 256 x 3 uint8)", lambda: pinned.to(CUDA, non_blocking=True)),
+                     ("crop_and_flip, 256 crops to 224 x 224", lambda: crop_and_flip(pixels, boxes, flips, 224))]:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"{name}: {start.elapsed_time(end) / 20:.2f} ms per batch")
+
+
+def epochs(loader):
+    run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=loader, flags=FLAGS)
+    for epoch in range(4):
+        print(f"epoch {epoch}: {run():,.0f} images/s", flush=True)
+
+
+if __name__ == "__main__":
+    torch.backends.cudnn.benchmark = True
+    {"kernels": kernels, "crop": crop, "epochs": epochs}[sys.argv[1] if len(sys.argv) > 1 else "epochs"](cached_loader())

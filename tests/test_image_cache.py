@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd, write_image_folder
 from dataset import AugmentedImageFolder, EpochTaggedSampler, random_resized_crop_box
-from image_cache import CachedBatches, build_or_open, storage_size
+from image_cache import CachedBatches, build_or_open, crop_and_flip, storage_size
 
 NO_BARRIER = lambda: None  # noqa: E731  one process
 
@@ -48,6 +48,27 @@ def test_training_crops_follow_the_file_paths_per_sample_boxes_and_flips(tmp_pat
             assert label == file_label
             difference = (crop.float() - from_file.float()).abs().mean().item()
             assert difference < 6, f"sample {index}: mean difference {difference:.1f} of 255"
+
+
+def test_the_batched_crop_equals_torchvisions_antialiased_resized_crop_per_sample():
+    # The GPU path's crop (two matrix products, here in float32 on the CPU) against the CPU path's
+    # per-sample TF.resized_crop: shrinking, enlarging, extreme aspect ratios, the whole image, flips.
+    import random
+    from torchvision.transforms import functional as TF
+    stored, size = 64, 48
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (8, stored, stored, 3), dtype=torch.uint8, generator=generator)
+    pixels[4:] = torch.linspace(0, 255, stored).to(torch.uint8).view(1, stored, 1, 1)  # smooth gradients
+    rng = random.Random(0)
+    boxes = [random_resized_crop_box(stored, stored, (0.08, 1.0), rng) for _ in range(5)]
+    boxes += [(0, 0, stored, stored), (3, 0, 10, stored), (0, 40, stored, 9)]
+    flips = torch.tensor([True, False] * 4)
+    crops = crop_and_flip(pixels, torch.tensor(boxes), flips, size)
+    assert crops.shape == (8, 3, size, size) and crops.dtype == torch.uint8
+    for image, (left, top, width, height), flip, crop in zip(pixels, boxes, flips, crops):
+        expected = TF.resized_crop(image.permute(2, 0, 1), top, left, height, width, [size, size], antialias=True)
+        expected = expected.flip(-1) if flip else expected
+        assert (crop.int() - expected.int()).abs().max() <= 1  # rounding of exact halves
 
 
 def test_crop_boxes_are_drawn_exactly_as_on_the_file_path():
@@ -131,12 +152,15 @@ def test_gpu_batches_staged_on_a_side_stream_equal_crops_made_on_the_compute_str
     sampler = EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
     sampler.set_epoch(3)
     loader = CachedBatches(images, dataset.targets, sampler, 4, True, 16, cuda, True, seed=0)
+    on_cpu = CachedBatches(images, dataset.targets, sampler, 4, True, 16, torch.device("cpu"), True, seed=0)
     keys = list(iter(sampler))
-    for batch, (crops, labels, indices, _) in enumerate(loader):
+    for batch, ((crops, labels, indices, _), cpu_batch) in enumerate(zip(loader, on_cpu, strict=True)):
         pixels, expected_labels, expected_indices, boxes, flips = loader.read_batch(keys[4 * batch:4 * batch + 4])
-        expected = loader.crop_and_flip(pixels.to(cuda).permute(0, 3, 1, 2), boxes.to(cuda), flips.to(cuda))
+        expected = crop_and_flip(pixels.to(cuda), boxes.to(cuda), flips.to(cuda), 16)
         assert crops.device.type == "cuda" and torch.equal(crops, expected)
         assert torch.equal(labels.cpu(), expected_labels) and torch.equal(indices, expected_indices)
+        # float16 matrix products on the GPU against the CPU path's torchvision resize: within 2 of 255.
+        assert (crops.cpu().int() - cpu_batch[0].int()).abs().max() <= 2
     val_set, val_images, _ = open_cache(tiny_data["val_dir"], 16, tmp_path / "cache")
     on_gpu, on_cpu = (CachedBatches(val_images, val_set.targets, list(range(len(val_set))), 3, False, 16, device,
                                     False) for device in (cuda, torch.device("cpu")))
