@@ -89,7 +89,7 @@ def test_the_launcher_checks_flags_gpus_and_data_without_importing_torch(tiny_da
     check = ("import sys, launch_ddp; args, rest = launch_ddp.build_parser().parse_known_args(sys.argv[1:]); "
              "launch_ddp.check_launch(args, rest, launch_ddp.cuda_device_count()); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy')))")
-    result = run_cli([sys.executable, "-c", check, "--num_gpus", "2"] + data_flags(tiny_data, str(tmp_path)))
+    result = run_cli([sys.executable, "-c", check, "--num_gpus", "1"] + data_flags(tiny_data, str(tmp_path)))
     assert result.stdout.strip() == "[]"
     assert launch_ddp.cuda_device_count() == torch.cuda.device_count()
 
