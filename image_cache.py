@@ -162,16 +162,16 @@ class CachedBatches:
 
     def stage(self, batch, side_stream):
         """Queue a read batch's copy to the GPU and its crops on the side stream; returns at once."""
-        images, labels, indices, taps = batch
+        images, labels, indices, boxes, flips = batch
         if side_stream is None:
             return images, labels, indices, None
         with torch.cuda.stream(side_stream):
             pixels = images.to(self.device, non_blocking=True)
-            if taps is None:
+            if boxes is None:
                 images = TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous()
             else:
-                taps = [t.to(self.device, non_blocking=True) for t in taps]
-                images = resize_with_taps(pixels, *taps, self.image_size)
+                images = crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
+                                       flips.to(self.device, non_blocking=True), self.image_size)
             labels = labels.to(self.device, non_blocking=True)
             return images, labels, indices, side_stream.record_event()
 
@@ -187,11 +187,10 @@ class CachedBatches:
         return images, labels, indices, 0
 
     def read_batch(self, chunk):
-        """One batch from the cache: (images, labels, indices, taps). For a GPU: the stored pixels,
-        labels and the crops' filter taps, in pinned memory (copied without a host sync and
-        cropped there; taps=None means a center crop). For the CPU: finished uint8 crops, made
-        here with torchvision's uint8 resize (the same filter, faster on a CPU than matrix
-        products). torch releases the GIL inside these operations."""
+        """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
+        memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
+        made here in the reader thread with torchvision's uint8 resize (the same filter as the GPU's
+        crop_and_flip, faster on a CPU than two matrix products), which releases the GIL."""
         on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
         pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
@@ -199,23 +198,20 @@ class CachedBatches:
         # stalled the training thread's kernel launches: a py-spy profile in BENCHMARKS.md).
         torch.index_select(self.pixels, 0, indices, out=pixels)
         labels = self.labels[indices]
-        if not (self.train and self.augment):
-            if on_gpu:
-                return pixels, labels.pin_memory(), indices, None
-            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None
-        boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-        if on_gpu:  # the filter taps are small (batch x size x 4): computed here, off the training thread
-            stored = self.images.shape[1]
-            left, top, width, height = boxes.unbind(1)
-            taps = (resize_taps(top, height, self.image_size, stored, torch.float16)
-                    + resize_taps(left, width, self.image_size, stored, torch.float16, flips))
-            return pixels, labels.pin_memory(), indices, [t.pin_memory() for t in taps]
+        boxes = flips = None
+        if self.train and self.augment:
+            boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+        if on_gpu:
+            pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
+            return (pixels, pinned[0], indices) + tuple(pinned[1:])
+        if boxes is None:
+            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None, None
         crops = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
         for row, ((left, top, width, height), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
             crop = TF.resized_crop(pixels[row].permute(2, 0, 1), top, left, height, width,
                                    [self.image_size, self.image_size], antialias=True)
             crops[row] = crop.flip(-1) if flip else crop
-        return crops, labels, indices, None
+        return crops, labels, indices, None, None
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes (left, top, width, height) and flips from sample_seed(seed, epoch,
@@ -229,52 +225,45 @@ class CachedBatches:
         return torch.tensor(boxes), torch.tensor(flips)
 
 
-def resize_taps(starts, lengths, out_size, in_size, dtype, flips=None):
-    """The filter that crops [start, start + length) of an axis and resizes it to out_size, per
-    sample: torchvision's resize(antialias=True) and PIL's antialiased bilinear (triangle) filter,
-    output pixel i centred at (i + 0.5) * scale in the crop, the filter widened by the scale when
-    shrinking. Returns (columns, weights), both (B, out_size, taps): the input pixels each output
-    pixel reads and their weights (summing to 1). `flips` reverses the output order per sample."""
+def resize_weights(starts, lengths, out_size, in_size, dtype, flips=None):
+    """(B, out_size, in_size) matrices that crop [start, start + length) of an axis and resize it to
+    out_size with the antialiased bilinear (triangle) filter of torchvision's resize(antialias=True)
+    and PIL: output pixel i is centred at (i + 0.5) * scale in the crop, and the filter widens by
+    the scale when shrinking. Rows sum to 1; `flips` reverses the output order per sample.
+
+    Only a few taps per output pixel are non-zero: they are computed small, (B, out_size, taps),
+    and scattered into zeros; computing the dense matrix element-wise cost 6x the matrix products."""
+    device = starts.device
     starts, lengths = starts.float().view(-1, 1, 1), lengths.float().view(-1, 1, 1)
     scale = lengths / out_size
     support = scale.clamp(min=1.0)
-    outputs = torch.arange(out_size, device=starts.device, dtype=torch.float32).view(1, -1, 1)
+    outputs = torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1)
     if flips is not None:
         outputs = torch.where(flips.view(-1, 1, 1), out_size - 1 - outputs, outputs)
     centers = (outputs + 0.5) * scale  # in crop coordinates
     first = (centers - support + 0.5).floor().clamp(min=0)
-    taps = first + torch.arange(int(2 * max(in_size / out_size, 1.0)) + 2, device=starts.device)
+    taps = first + torch.arange(int(2 * max(in_size / out_size, 1.0)) + 2, device=device)
     weights = (1 - ((taps + 0.5 - centers) / support).abs()).clamp(min=0) * (taps < lengths)
     weights = weights / weights.sum(-1, keepdim=True)
     columns = (starts + taps).long().clamp(max=in_size - 1)  # taps past the edge carry weight 0
-    return columns, weights.to(dtype)
-
-
-def resize_with_taps(pixels, row_columns, row_weights, column_columns, column_weights, size):
-    """Stored NHWC uint8 images -> NCHW uint8 crops, size x size. The resize is separable: the taps
-    become dense (B, size, stored) matrices and the crop two batched matrix products (rows, then
-    columns), in float16 on a GPU's tensor cores, float32 on a CPU."""
-    batch, stored = pixels.shape[0], pixels.shape[1]
-    dtype = row_weights.dtype
-
-    def dense(columns, weights):
-        return torch.zeros(batch, size, stored, dtype=dtype, device=pixels.device).scatter_add_(2, columns, weights)
-
-    resized_rows = torch.bmm(dense(row_columns, row_weights), pixels.to(dtype).view(batch, stored, stored * 3))
-    planar = resized_rows.view(batch, size, stored, 3).permute(0, 3, 1, 2).reshape(batch, 3 * size, stored)
-    crops = torch.bmm(planar, dense(column_columns, column_weights).transpose(1, 2)).view(batch, 3, size, size)
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+    dense = torch.zeros(len(starts), out_size, in_size, dtype=dtype, device=device)
+    return dense.scatter_add_(2, columns, weights.to(dtype))
 
 
 def crop_and_flip(pixels, boxes, flips, size):
-    """Crop a batch of stored NHWC uint8 images to their boxes (left, top, width, height), resize to
-    size x size and flip where asked, on the images' device: NCHW uint8. Same filter as the CPU
-    path's TF.resized_crop; a flip is the column filter reversed."""
+    """Crop a whole batch of stored NHWC uint8 images to their boxes (left, top, width, height),
+    resize to size x size and flip where asked: NCHW uint8. The resize is separable, so it is two
+    batched matrix products (rows, then columns) in float16 on a GPU's tensor cores (float32 on a
+    CPU); a flip is the column weights reversed. Same filter as the CPU path's TF.resized_crop."""
+    batch, stored = pixels.shape[0], pixels.shape[1]
     dtype = torch.float16 if pixels.is_cuda else torch.float32
-    stored = pixels.shape[1]
     left, top, width, height = boxes.unbind(1)
-    return resize_with_taps(pixels, *resize_taps(top, height, size, stored, dtype),
-                            *resize_taps(left, width, size, stored, dtype, flips), size)
+    rows = resize_weights(top, height, size, stored, dtype)
+    columns = resize_weights(left, width, size, stored, dtype, flips)
+    resized_rows = torch.bmm(rows, pixels.to(dtype).view(batch, stored, stored * 3))  # (B, size, stored*3)
+    planar = resized_rows.view(batch, size, stored, 3).permute(0, 3, 1, 2).reshape(batch, 3 * size, stored)
+    crops = torch.bmm(planar, columns.transpose(1, 2)).view(batch, 3, size, size)
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def build_cached_loaders(train_set, val_set, args, ctx):

@@ -14,7 +14,7 @@ from harness import make_photo_folder, project_loop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AugmentedImageFolder, EpochTaggedSampler  # noqa: E402
-from image_cache import CachedBatches, build_or_open, resize_with_taps  # noqa: E402
+from image_cache import CachedBatches, build_or_open, crop_and_flip  # noqa: E402
 
 CUDA = torch.device("cuda")
 FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
@@ -43,10 +43,11 @@ def kernels(loader):
 def crop(loader):
     """The crop's own GPU time per batch (stored pixels already on the GPU), by CUDA events."""
     keys = list(iter(loader.sampler))
-    pinned, _, _, taps = loader.read_batch(keys[:256])
-    pixels, taps = pinned.to(CUDA), [t.to(CUDA) for t in taps]
+    pixels, _, _, boxes, flips = loader.read_batch(keys[:256])
+    pixels, boxes, flips = pixels.to(CUDA), boxes.to(CUDA), flips.to(CUDA)
+    pinned = loader.read_batch(keys[:256])[0]
     for name, fn in [("copy to GPU (pinned, 256 x 256 x 256 x 3 uint8)", lambda: pinned.to(CUDA, non_blocking=True)),
-                     ("crop (resize_with_taps), 256 crops to 224 x 224", lambda: resize_with_taps(pixels, *taps, 224))]:
+                     ("crop_and_flip, 256 crops to 224 x 224", lambda: crop_and_flip(pixels, boxes, flips, 224))]:
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -56,12 +57,6 @@ def crop(loader):
         end.record()
         torch.cuda.synchronize()
         print(f"{name}: {start.elapsed_time(end) / 20:.2f} ms per batch")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(10):
-            resize_with_taps(pixels, *taps, 224)
-        torch.cuda.synchronize()
-    print("the crop's kernels, 10 calls:")
-    print(profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 def epochs(loader):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd, write_image_folder
 from dataset import AugmentedImageFolder, EpochTaggedSampler, random_resized_crop_box
-from image_cache import CachedBatches, build_or_open, crop_and_flip, resize_with_taps, storage_size
+from image_cache import CachedBatches, build_or_open, crop_and_flip, storage_size
 
 NO_BARRIER = lambda: None  # noqa: E731  one process
 
@@ -155,8 +155,8 @@ def test_gpu_batches_staged_on_a_side_stream_equal_crops_made_on_the_compute_str
     on_cpu = CachedBatches(images, dataset.targets, sampler, 4, True, 16, torch.device("cpu"), True, seed=0)
     keys = list(iter(sampler))
     for batch, ((crops, labels, indices, _), cpu_batch) in enumerate(zip(loader, on_cpu, strict=True)):
-        pixels, expected_labels, expected_indices, taps = loader.read_batch(keys[4 * batch:4 * batch + 4])
-        expected = resize_with_taps(pixels.to(cuda), *[t.to(cuda) for t in taps], 16)
+        pixels, expected_labels, expected_indices, boxes, flips = loader.read_batch(keys[4 * batch:4 * batch + 4])
+        expected = crop_and_flip(pixels.to(cuda), boxes.to(cuda), flips.to(cuda), 16)
         assert crops.device.type == "cuda" and torch.equal(crops, expected)
         assert torch.equal(labels.cpu(), expected_labels) and torch.equal(indices, expected_indices)
         # float16 matrix products on the GPU against the CPU path's torchvision resize: within 2 of 255.
