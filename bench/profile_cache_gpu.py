@@ -2,6 +2,7 @@
 
     python3 bench/profile_cache_gpu.py kernels   # torch.profiler: GPU time per kernel over one epoch
     python3 bench/profile_cache_gpu.py crop      # GPU time of the batch crop alone, per batch
+    python3 bench/profile_cache_gpu.py sweep     # training rate by reader threads, and without augmentation
     py-spy record --threads --idle --format raw -o profile.txt -- python3 bench/profile_cache_gpu.py epochs
 """
 import os
@@ -10,9 +11,10 @@ import tempfile
 
 import torch
 
-from harness import make_photo_folder, project_loop
+from harness import DeviceBatches, make_photo_folder, project_loop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import image_cache  # noqa: E402
 from dataset import AugmentedImageFolder, EpochTaggedSampler  # noqa: E402
 from image_cache import CachedBatches, build_or_open, crop_and_flip  # noqa: E402
 
@@ -59,6 +61,23 @@ def crop(loader):
         print(f"{name}: {start.elapsed_time(end) / 20:.2f} ms per batch")
 
 
+def sweep(loader):
+    """Images/s: synthetic, then the cache path with 2, 4 and 8 reader threads, then without
+    augmentation (center crops: no box drawing, no resize), each best of 3 epochs after a warm-up."""
+    def rate(label, data):
+        run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=data, flags=FLAGS)
+        run()
+        print(f"{label}: {max(run() for _ in range(3)):,.0f} images/s", flush=True)
+
+    rate("synthetic", DeviceBatches(256, 224, 31, CUDA))
+    for threads in (2, 4, 8):
+        image_cache.READER_THREADS = threads
+        rate(f"cache, {threads} reader threads", loader)
+    image_cache.READER_THREADS = 4
+    loader.augment = False
+    rate("cache, 4 reader threads, no augmentation", loader)
+
+
 def epochs(loader):
     run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=loader, flags=FLAGS)
     for epoch in range(4):
@@ -67,4 +86,4 @@ def epochs(loader):
 
 if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
-    {"kernels": kernels, "crop": crop, "epochs": epochs}[sys.argv[1] if len(sys.argv) > 1 else "epochs"](cached_loader())
+    {"kernels": kernels, "crop": crop, "sweep": sweep, "epochs": epochs}[sys.argv[1] if len(sys.argv) > 1 else "epochs"](cached_loader())
