@@ -71,6 +71,18 @@ def test_the_batched_crop_equals_torchvisions_antialiased_resized_crop_per_sampl
         assert (crop.int() - expected.int()).abs().max() <= 1  # rounding of exact halves
 
 
+def test_the_cpu_readers_crops_equal_the_batched_crop_a_gpu_makes(tiny_data, tmp_path):
+    dataset, images, _ = open_cache(tiny_data["train_dir"], 16, tmp_path / "cache", train=True)
+    sampler = EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(5)
+    loader = CachedBatches(images, dataset.targets, sampler, 4, True, 16, torch.device("cpu"), True, seed=0)
+    keys = list(iter(sampler))
+    for batch, (crops, _, indices, _) in enumerate(loader):
+        boxes, flips = loader.draw_crops([key[0] for key in keys[4 * batch:4 * batch + 4]], indices)
+        expected = crop_and_flip(torch.from_numpy(np.array(images[indices.numpy()])), boxes, flips, 16)
+        assert (crops.int() - expected.int()).abs().max() <= 1
+
+
 def test_crop_boxes_are_drawn_exactly_as_on_the_file_path():
     import random
     from dataset import sample_seed
