@@ -119,9 +119,12 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         # Decode only as many pixels as the crop needs at the output size.
         min_size = (width * size / w, height * size / h) if self.fast_decode else None
         image = open_rgb(path, min_size)
-        sx, sy = image.width / width, image.height / height
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        image = image.resize((size, size), Image.BILINEAR, box=box)
+        if image.size == (width, height):  # torchvision's crop, then resize (faster than a resize box)
+            image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        else:  # decoded at a reduced scale: the same box, in that scale's fractional coordinates
+            sx, sy = image.width / width, image.height / height
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            image = image.resize((size, size), Image.BILINEAR, box=box)
         return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
     def load_eval(self, path):

@@ -142,6 +142,22 @@ def test_train_items_are_a_function_of_epoch_and_index(tiny_data):
     assert changed >= 22  # another epoch, another augmentation
 
 
+def test_train_items_are_torchvisions_resized_crop_and_flip_of_the_drawn_box(tiny_data):
+    from torchvision.transforms import functional as TF
+    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=4, hflip_prob=0.5)
+    flipped = 0
+    for index in range(24):
+        path = dataset.samples[index][0]
+        rng = random.Random(sample_seed(4, 7, index))
+        width, height = Image.open(path).size
+        left, top, w, h = random_resized_crop_box(width, height, (0.08, 1.0), rng)
+        expected = TF.resized_crop(open_rgb(path), top, left, h, w, [16, 16], InterpolationMode.BILINEAR)
+        if rng.random() < 0.5:
+            expected, flipped = TF.hflip(expected), flipped + 1
+        assert torch.equal(dataset[(7, index)][0], TF.pil_to_tensor(expected))
+    assert 0 < flipped < 24
+
+
 def test_hflip_probability_one_mirrors_the_same_crop(tiny_data):
     never = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=1, hflip_prob=0.0)
     always = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=1, hflip_prob=1.0)
