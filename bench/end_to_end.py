@@ -142,7 +142,7 @@ def main():
         f"{rounds} timed round(s) after 1 warm-up round (which also builds the cache for (b)); each CLI run is a "
         "fresh process; (a) and (b) report the history's samples_per_second, which includes the epoch's first batch "
         "wait (worker start-up for (a)) but not process start, validation or checkpointing.",
-        "(c) does the cache path's per-batch work (uint8 batch read, batched roi_align crops, flips) on in-memory "
+        "(c) does the cache path's per-batch work (uint8 batch read; crops and flips made by the reader threads) on in-memory "
         "random images: the ceiling for (b); (c0) skips the random crops (center crop only).",
         "Each epoch saves checkpoint_latest.pth and, when validation accuracy improves, checkpoint_best.pth too: "
         "up to two saves per epoch.",

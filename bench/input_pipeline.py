@@ -17,8 +17,11 @@ ImageFolder (a temporary folder, or --data DIR, reused when already complete), t
 Ratios are to the baseline at the same worker count, per round, then median and range.
 
     python bench/input_pipeline.py [--quick] [--data DIR] [--count N] [--repeats N]
+    python bench/input_pipeline.py --profile   # milliseconds per image of each stage, one thread
 """
+import glob
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -29,10 +32,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
+from torchvision.io import decode_jpeg
+from torchvision.transforms import functional as TF
 
 import common
 import harness  # noqa: F401  (puts the repository on sys.path)
-from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, EpochTaggedSampler, build_loaders, normalize
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, EpochTaggedSampler, build_loaders, normalize,
+                     random_resized_crop_box)
 from image_cache import CachedBatches, build_or_open
 
 
@@ -137,8 +143,62 @@ def measure(train_dir, image_size, batch, rounds, cache_dir):
     return rows, build
 
 
+def profile_stages(train_dir, count):
+    """Milliseconds per image of each stage of the file paths, one thread, over the same photos:
+    what a path could gain at most by removing a stage."""
+    torch.set_num_threads(1)
+    files = sorted(glob.glob(os.path.join(train_dir, "*", "*.jpg")))[:count]
+    encoded = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8) for f in files]
+    decoded = [Image.open(f).convert("RGB") for f in files]
+    rng = random.Random(0)
+    boxes = [random_resized_crop_box(*image.size, (0.08, 1.0), rng) for image in decoded]
+    tensors = [TF.pil_to_tensor(image) for image in decoded]
+
+    def per_image(stage):
+        stage(0)
+        began = time.perf_counter()
+        for i in range(len(files)):
+            stage(i)
+        return f"{(time.perf_counter() - began) / len(files) * 1000:.2f}"
+
+    def draft(scale):
+        def stage(i):
+            with Image.open(files[i]) as image:
+                image.draft("RGB", (image.width // scale, image.height // scale))
+                return image.convert("RGB")
+        return stage
+
+    def edges(i):
+        left, top, width, height = boxes[i]
+        return left, top, left + width, top + height
+
+    rows = [["-", "JPEG decode, full size (PIL)", per_image(lambda i: Image.open(files[i]).convert("RGB"))],
+            ["-", "JPEG decode, full size (torchvision.io.decode_jpeg)", per_image(lambda i: decode_jpeg(encoded[i]))]]
+    rows += [["-", f"JPEG decode at 1/{scale} scale (PIL draft: libjpeg DCT scaling)", per_image(draft(scale))]
+             for scale in (2, 4, 8)]
+    for size in (224, 64):
+        baseline = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        folder = datasets.ImageFolder(train_dir, transform=baseline)
+        project = AugmentedImageFolder(train_dir, size, train=True, seed=0)
+        rows += [
+            [size, "baseline: ImageFolder item (decode, RandomResizedCrop, flip, ToTensor, Normalize)",
+             per_image(lambda i: folder[i])],
+            [size, "baseline transforms alone, on a decoded image", per_image(lambda i: baseline(decoded[i]))],
+            [size, "project: AugmentedImageFolder item (decode, crop, flip; uint8)", per_image(lambda i: project[(1, i)])],
+            [size, "crop + resize alone: PIL crop, then resize (the project's)",
+             per_image(lambda i: decoded[i].crop(edges(i)).resize((size, size), Image.BILINEAR))],
+            [size, "crop + resize alone: PIL resize with a box",
+             per_image(lambda i: decoded[i].resize((size, size), Image.BILINEAR, box=edges(i)))],
+            [size, "crop + resize alone: torch uint8 resized_crop (antialias)",
+             per_image(lambda i: TF.resized_crop(tensors[i], boxes[i][1], boxes[i][0], boxes[i][3], boxes[i][2],
+                                                 [size, size], antialias=True))]]
+    return rows
+
+
 def main():
     p = common.parser(__doc__, repeats=5)
+    p.add_argument("--profile", action="store_true", help="only the per-stage costs, one thread (see profile_stages)")
     p.add_argument("--data", help="dataset folder to reuse (made there if missing or incomplete); default: a temp dir")
     p.add_argument("--count", type=int, help="training JPEGs to generate (default 400, 60 with --quick)")
     p.add_argument("--batch_size", type=int, help="batch size (default 64, 16 with --quick: 60 images)")
@@ -153,6 +213,13 @@ def main():
         make_dataset(root, count)
         files, mean_bytes = folder_stats(os.path.join(root, "train"))
         made = time.perf_counter() - began
+        if args.profile:
+            body = common.table(["image size", "stage", "ms per image"],
+                                profile_stages(os.path.join(root, "train"), min(files, 200)))
+            common.write_report("input_pipeline_profile", "Input pipeline: per-image cost of each stage", body, [
+                f"Data: {min(files, 200)} of {files} generated JPEGs, mean {mean_bytes / 1024:.0f} KiB; one thread "
+                "(torch.set_num_threads(1)), in this process, no DataLoader."])
+            return
         rows, builds = [], []
         for image_size in (224, 64):
             size_rows, build = measure(os.path.join(root, "train"), image_size, batch, rounds,
