@@ -60,6 +60,30 @@ def random_resized_crop_box(width, height, scale, rng):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+# What PIL raises for a file that is not a readable image.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def eval_resize_size(image_size):
+    """The evaluation transform's shorter side before its center crop: image_size / 0.875."""
+    return int(round(image_size / EVAL_RESIZE_FRACTION))
+
+
+def open_resized(path, short_side, fast_decode=True):
+    """Decode an image (at a reduced JPEG scale when that is still large enough) and resize its
+    shorter side to `short_side`: the first step of the evaluation transform."""
+    with Image.open(path) as header:
+        width, height = header.size
+    short = min(width, height)
+    min_size = (width * short_side / short, height * short_side / short) if fast_decode else None
+    return TF.resize(open_rgb(path, min_size), short_side, interpolation=InterpolationMode.BILINEAR)
+
+
+def load_eval(path, image_size, fast_decode=True):
+    """The evaluation transform (torchvision's resize + center crop), used by validation and predict.py."""
+    return TF.center_crop(open_resized(path, eval_resize_size(image_size), fast_decode), image_size)
+
+
 def open_rgb(path, min_size=None):
     """Decode an image as RGB. With `min_size` (w, h), JPEGs decode at a reduced scale
     (libjpeg DCT scaling via PIL's draft mode) that is still at least that large."""
@@ -100,8 +124,9 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         path, label = self.samples[index]
         try:
             augment = self.train and self.augment
-            image = self.load_train(path, epoch, index) if augment else self.load_eval(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            image = (self.load_train(path, epoch, index) if augment
+                     else load_eval(path, self.image_size, self.fast_decode))
+        except UNREADABLE as exc:
             if not self.skip_bad_images:
                 raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or pass "
                                 "--skip_bad_images to skip unreadable files") from None
@@ -127,15 +152,6 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
             image = image.resize((size, size), Image.BILINEAR, box=box)
         return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
-    def load_eval(self, path):
-        resize = int(round(self.image_size / EVAL_RESIZE_FRACTION))
-        with Image.open(path) as header:
-            width, height = header.size
-        short = min(width, height)
-        min_size = (width * resize / short, height * resize / short) if self.fast_decode else None
-        image = open_rgb(path, min_size)
-        image = TF.resize(image, resize, interpolation=InterpolationMode.BILINEAR)
-        return TF.center_crop(image, self.image_size)
 
 
 class EpochTaggedSampler(DistributedSampler):

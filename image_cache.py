@@ -25,18 +25,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from dataset import (EVAL_RESIZE_FRACTION, DataError, open_rgb, random_resized_crop_box, sample_seed,
-                     train_sampler)
+from dataset import UNREADABLE, DataError, open_resized, random_resized_crop_box, sample_seed, train_sampler
+from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
 
 
 READER_THREADS = min(4, os.cpu_count() or 1)
-
-
-def storage_size(image_size):
-    return int(round(image_size / EVAL_RESIZE_FRACTION))
 
 
 def cache_path(dataset, size, cache_dir):
@@ -61,14 +56,10 @@ class DecodeForCache(Dataset):
     def __getitem__(self, index):
         path = self.samples[index][0]
         try:
-            with Image.open(path) as header:
-                width, height = header.size
-            short = min(width, height)
-            image = open_rgb(path, (width * self.size / short, height * self.size / short))
-        except (OSError, ValueError, SyntaxError) as exc:
+            image = open_resized(path, self.size)
+        except UNREADABLE as exc:
             raise DataError(f"cannot read image {path} ({exc}) while building the image cache; fix or "
                             "remove it, or train without --cache_images") from None
-        image = TF.resize(image, self.size, interpolation=InterpolationMode.BILINEAR)
         # The S x S window whose center crop is exactly the eval transform's center crop (the
         # offsets round separately, so a plain center crop of S could sit one pixel off).
         top, left = (window_start(extent, self.size, self.image_size) for extent in (image.height, image.width))
@@ -84,11 +75,13 @@ def window_start(extent, window, final):
 def build_or_open(dataset, image_size, cache_dir, num_workers, barrier, local_rank=0, local_world=1):
     """The cached (N, S, S, 3) uint8 array, built once if missing. All processes of a node fill
     disjoint slices of one temporary file, created by local rank 0 and renamed into place when
-    complete, so a killed build never leaves a half-written cache. `barrier` synchronises ranks."""
+    complete, so a killed build never leaves a half-written cache. `barrier` synchronises ranks.
+    Returns (images, path, built): built is False when an existing cache was reused."""
     size = storage_size(image_size)
     path = cache_path(dataset, size, cache_dir)
     shape = (len(dataset), size, size, 3)
-    if not os.path.exists(path):
+    built = not os.path.exists(path)
+    if built:
         building = f"{path}.building-{socket.gethostname()}"
         if local_rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
@@ -112,7 +105,7 @@ def build_or_open(dataset, image_size, cache_dir, num_workers, barrier, local_ra
         if local_rank == 0:
             os.replace(building, path)
         barrier()
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=shape), path
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=shape), path, built
 
 
 class CachedBatches:
@@ -276,13 +269,12 @@ def build_cached_loaders(train_set, val_set, args, ctx):
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     opened = []
     for dataset in (train_set, val_set):
-        already = os.path.exists(cache_path(dataset, storage_size(args.image_size), args.cache_images))
         began = time.perf_counter()
-        images, path = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, barrier,
-                                     ctx.local_rank, local_world)
+        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, barrier,
+                                            ctx.local_rank, local_world)
         if ctx.is_main:
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
-                  + ("reused" if already else f"built in {time.perf_counter() - began:.1f} s"), flush=True)
+                  + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
         opened.append(images)
     sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
     train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,

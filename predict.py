@@ -17,7 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
 from checkpoint import CheckpointError, load_checkpoint
-from dataset import AugmentedImageFolder, normalize
+from dataset import load_eval, normalize
 from model import ModelError, build_model, first_line, strip_wrapper_prefixes
 
 
@@ -95,18 +95,17 @@ def load_model(checkpoint, weights, device):
 
 
 class ImageFiles(Dataset):
-    """Any image paths through AugmentedImageFolder.load_eval itself (not a copy), so preprocessing
-    can never drift from validation's. load_eval reads only image_size and fast_decode."""
+    """Any image paths through validation's own load_eval, so preprocessing cannot drift from it."""
 
     def __init__(self, paths, image_size):
-        self.paths, self.image_size, self.fast_decode = paths, image_size, True
+        self.paths, self.image_size = paths, image_size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            return index, TF.pil_to_tensor(AugmentedImageFolder.load_eval(self, self.paths[index])), None
+            return index, TF.pil_to_tensor(load_eval(self.paths[index], self.image_size)), None
         except Exception as exc:  # one broken file must not cost the other predictions
             return index, None, first_line(exc)
 

@@ -101,7 +101,7 @@ def main():
     print(f"| (generated {args.images} JPEGs in {time.perf_counter() - began:.0f} s) | | | |")
     dataset = AugmentedImageFolder(folder, size, train=True)
     began = time.perf_counter()
-    images, path = build_or_open(dataset, size, args.data.rstrip("/") + "_cache", args.workers, lambda: None)
+    images, path, _ = build_or_open(dataset, size, args.data.rstrip("/") + "_cache", args.workers, lambda: None)
     print(f"| (cache: {images.nbytes / 2**30:.2f} GiB, ready in {time.perf_counter() - began:.0f} s) | | | |")
     sampler = EpochTaggedSampler(dataset, 1, 0, seed=0)
     cached = CachedBatches(images, dataset.targets, sampler, bs, True, size, device, drop_last=True)

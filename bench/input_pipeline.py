@@ -126,7 +126,7 @@ def measure(train_dir, image_size, batch, rounds, cache_dir):
             runners[f"{label}, {workers}w"] = runner(loader, normalize)
         groups[workers] = [name for name in runners if name.endswith(f"{workers}w")]
     began = time.perf_counter()
-    pixels, path = build_or_open(fast_set, image_size, cache_dir, num_workers=2, barrier=lambda: None)
+    pixels, path, _ = build_or_open(fast_set, image_size, cache_dir, num_workers=2, barrier=lambda: None)
     build = dict(seconds=time.perf_counter() - began, mib=pixels.nbytes / 2**20, shape=pixels.shape)
     sampler = EpochTaggedSampler(fast_set, num_replicas=1, rank=0, seed=0)
     cached = CachedBatches(pixels, fast_set.targets, sampler, batch, True, image_size, torch.device("cpu"), True)

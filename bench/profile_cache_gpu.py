@@ -26,7 +26,7 @@ def cached_loader():
     data = os.path.join(tempfile.gettempdir(), "gpu_bench_photos")
     folder = make_photo_folder(data, 8000)
     dataset = AugmentedImageFolder(folder, 224, train=True)
-    images, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
+    images, _, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
     return CachedBatches(images, dataset.targets, EpochTaggedSampler(dataset, 1, 0, seed=0), 256, True, 224,
                          CUDA, drop_last=True)
 

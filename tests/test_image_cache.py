@@ -16,7 +16,7 @@ NO_BARRIER = lambda: None  # noqa: E731  one process
 
 def open_cache(folder, image_size, cache_dir, train=False):
     dataset = AugmentedImageFolder(folder, image_size, train=train)
-    images, path = build_or_open(dataset, image_size, str(cache_dir), num_workers=0, barrier=NO_BARRIER)
+    images, path, _ = build_or_open(dataset, image_size, str(cache_dir), num_workers=0, barrier=NO_BARRIER)
     return dataset, images, path
 
 
