@@ -107,7 +107,8 @@ def train(args, ctx, stop):
     amp_dtype = getattr(torch, args.amp_dtype)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.use_amp and amp_dtype == torch.float16)
     batches_per_epoch = min(len(train_loader), args.limit_train_batches or len(train_loader))
-    scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     ema = build_ema(model, args.ema_decay) if args.use_ema else None
 
     # Where the run stands: epochs completed, optimizer steps done in the next one, the running
@@ -186,6 +187,7 @@ def train(args, ctx, stop):
         val_loss, val_acc = evaluate(unwrap(model), val_loader, len(val_set), training, args, ctx)
         epoch_record = dict(epoch=epoch, **train_stats, val_loss=val_loss, val_acc=val_acc)
         if ema is not None:
+            broadcast_buffers(ema.module)  # each rank averaged its own batch statistics
             epoch_record["ema_val_loss"], epoch_record["ema_val_acc"] = evaluate(
                 ema.module, val_loader, len(val_set), training, args, ctx)
         epoch_record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -209,7 +211,7 @@ def train(args, ctx, stop):
                 remove_quietly(os.path.join(args.checkpoint_dir, top_k_filename(old_epoch)))
         if ctx.is_main and writes_files:
             write_json_atomic(os.path.join(args.log_dir, "training_history.json"), run["history"])
-        global_step = epoch * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        global_step = epoch * steps_per_epoch
         logger.log({"epoch": epoch, "train/epoch_loss": epoch_record["train_loss"],
                     "train/epoch_acc": epoch_record["train_acc"],
                     "train/samples_per_second": epoch_record["samples_per_second"],
@@ -361,8 +363,7 @@ def train_one_epoch(training, loader, epoch, run, args, ctx):
 
 def to_model_input(images, device, memory_format):
     """uint8 batch -> normalised float on the device, channels-last if asked (the model is too)."""
-    images = normalize(images.to(device, non_blocking=True))
-    return images.contiguous(memory_format=memory_format) if memory_format == torch.channels_last else images
+    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
 def step_skipping_nonfinite(optimizer, scaler, nonfinite):
