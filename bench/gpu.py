@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from harness import DeviceBatches, make_photo_folder, project_loop
+from harness import DeviceBatches, project_loop
+from input_pipeline import make_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AugmentedImageFolder, build_loaders  # noqa: E402
@@ -97,7 +98,7 @@ def main():
     print(f"\nReal pipelines with the best uncompiled setting ({best_label}):\n")
     print("| configuration | images/s | peak GPU memory (GiB) | warm-up s |\n| --- | --- | --- | --- |")
     began = time.perf_counter()
-    folder = make_photo_folder(args.data, args.images)
+    folder = os.path.join(make_dataset(args.data, args.images), "train")
     print(f"| (generated {args.images} JPEGs in {time.perf_counter() - began:.0f} s) | | | |")
     dataset = AugmentedImageFolder(folder, size, train=True)
     began = time.perf_counter()

@@ -25,7 +25,7 @@ import random
 import shutil
 import tempfile
 import time
-from multiprocessing import Pool
+import multiprocessing
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ def make_dataset(root, train_count, val_count=0, classes=10, size=(500, 375)):
             folder = os.path.join(root, split, f"class_{i % classes:02d}")
             os.makedirs(folder, exist_ok=True)
             jobs.append((os.path.join(folder, f"{i:06d}.jpg"), i + (10**6 if split == "val" else 0), size))
-    with Pool(os.cpu_count()) as pool:
+    # spawn, not fork: a fork after torch has started its thread pools can deadlock the children.
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
         pool.starmap(photo, jobs)
     open(marker, "w").close()
     return root

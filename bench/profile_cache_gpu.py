@@ -11,7 +11,8 @@ import tempfile
 
 import torch
 
-from harness import DeviceBatches, make_photo_folder, project_loop
+from harness import DeviceBatches, project_loop
+from input_pipeline import make_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import image_cache  # noqa: E402
@@ -24,7 +25,7 @@ FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
 
 def cached_loader():
     data = os.path.join(tempfile.gettempdir(), "gpu_bench_photos")
-    folder = make_photo_folder(data, 8000)
+    folder = os.path.join(make_dataset(data, 8000), "train")
     dataset = AugmentedImageFolder(folder, 224, train=True)
     images, _, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
     return CachedBatches(images, dataset.targets, EpochTaggedSampler(dataset, 1, 0, seed=0), 256, True, 224,
