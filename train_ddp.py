@@ -226,7 +226,7 @@ def train(args, ctx, stop):
             main_print(ctx, f"Stopped by signal {stop.signal} after epoch {epoch}; resume with --auto_resume")
             exit_code = 128 + stop.signal
             break
-    logger.close()
+    logger.close(exit_code)  # a signal stop shows as not finished in wandb
     seconds = time.perf_counter() - began
     took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
     if not writes_files:
