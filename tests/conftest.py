@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny real ImageFolder on disk and helpers that run the real CLIs."""
+import json
 import os
 import subprocess
 import sys
@@ -26,13 +27,45 @@ def write_image_folder(root, per_class, size=(24, 20), seed=0):
     return root
 
 
+def make_tiny_data(root):
+    """train: 3 classes x 8 images (24 in all); val: 3 x 3 minus one = 8 images, under root/data."""
+    train = write_image_folder(os.path.join(root, "data", "train"), per_class=8)
+    val = write_image_folder(os.path.join(root, "data", "val"), per_class=3, seed=1)
+    os.remove(os.path.join(val, "square", "002.png"))
+    return dict(train_dir=train, val_dir=val, root=str(root))
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
-    """train: 3 classes x 8 images (24 in all); val: 3 x 3 minus one = 8 images."""
-    train = write_image_folder(str(tmp_path / "data" / "train"), per_class=8)
-    val = write_image_folder(str(tmp_path / "data" / "val"), per_class=3, seed=1)
-    os.remove(os.path.join(val, "square", "002.png"))
-    return dict(train_dir=train, val_dir=val, root=str(tmp_path))
+    return make_tiny_data(str(tmp_path))
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """Offline wandb whose settings, cache and runs all live under tmp_path (run_cli passes this
+    process's environment on to the CLIs it runs)."""
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
+                 "WANDB_INIT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:  # wandb reads the environment once per process: let the next test start afresh
+        wandb.teardown()
+
+
+def read_wandb_records(run_file):
+    """The records of a .wandb transaction log, decoded by wandb's own reader.
+
+    wandb 0.31 has no Python reader any more (sdk/internal/datastore.py is gone); its reader is the
+    wandb-core binary behind `wandb leet inspect --json`, one JSON record per line."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def data_flags(data, out, **overrides):

@@ -2,7 +2,6 @@
 import math
 import os
 import random
-import re
 import shutil
 import statistics
 
@@ -12,11 +11,12 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResizedCrop, Resize
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from conftest import CLASSES
 from config import parse_args
 from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
-                     EpochTaggedSampler, build_datasets, build_loaders, check_data_folders, normalize,
+                     EpochTaggedSampler, build_datasets, build_loaders, normalize,
                      open_rgb, prepare_digits_demo, random_resized_crop_box, sample_seed)
 
 
@@ -143,7 +143,6 @@ def test_train_items_are_a_function_of_epoch_and_index(tiny_data):
 
 
 def test_train_items_are_torchvisions_resized_crop_and_flip_of_the_drawn_box(tiny_data):
-    from torchvision.transforms import functional as TF
     dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=4, hflip_prob=0.5)
     flipped = 0
     for index in range(24):
@@ -351,34 +350,6 @@ def test_loader_refuses_a_batch_larger_than_a_ranks_shard(tiny_data):
 
 
 # ------------------------------------------------------------------ folder checks
-
-def test_check_data_folders_returns_the_sorted_class_names(tiny_data):
-    assert check_data_folders(tiny_data["train_dir"], tiny_data["val_dir"]) == list(CLASSES)
-
-
-def test_check_data_folders_errors_name_the_problem_and_the_fix(tiny_data, tmp_path):
-    train, val = tiny_data["train_dir"], tiny_data["val_dir"]
-    with pytest.raises(DataError, match=r"train folder not found: /nonexistent/train \(pass --train_dir"):
-        check_data_folders("/nonexistent/train", val)
-    with pytest.raises(DataError, match=r"val folder not found: /nonexistent/val \(pass --val_dir"):
-        check_data_folders(train, "/nonexistent/val")
-    a_file = tmp_path / "train.txt"
-    a_file.write_text("not a folder")
-    with pytest.raises(DataError, match=re.escape(f"train folder is not a directory: {a_file}")):
-        check_data_folders(str(a_file), val)
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    shutil.copy(f"{train}/circle/000.png", flat / "000.png")
-    with pytest.raises(DataError, match=re.escape(f"train folder {flat} has no class sub-folders; "
-                                                  f"expected {flat}/<class_name>/<image files>")):
-        check_data_folders(str(flat), val)
-    os.rename(f"{val}/square", f"{val}/rectangle")
-    with pytest.raises(DataError) as error:
-        check_data_folders(train, val)
-    assert "val classes differ from train classes" in str(error.value)
-    assert "only in train: ['square']" in str(error.value)
-    assert "only in val: ['rectangle']" in str(error.value)
-
 
 @pytest.mark.parametrize("content", [None, "notes.txt"])
 def test_class_folder_without_images_is_a_data_error_from_build_datasets(tiny_data, content):

@@ -1,14 +1,13 @@
 """RunLogger against the real wandb (offline) and TensorBoard: everything logged is read back from disk."""
 import json
-import subprocess
 import sys
 import time
 import types
 
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import read_wandb_records
 from loggers import RunLogger
 
 MAIN = types.SimpleNamespace(is_main=True)
@@ -32,33 +31,6 @@ def log_a_run(logger):
         logger.log(metrics, step=step)
     logger.log(EPOCH, step=20)
     logger.close()
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """Offline wandb whose settings, cache and runs all live under tmp_path."""
-    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
-                 "WANDB_INIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    yield
-    wandb = sys.modules.get("wandb")
-    if wandb is not None:  # wandb reads the environment once per process: let the next test start afresh
-        wandb.teardown()
-
-
-def read_wandb_records(run_file):
-    """The records of a .wandb transaction log, decoded by wandb's own reader.
-
-    wandb 0.31 has no Python reader any more (sdk/internal/datastore.py is gone); its reader is the
-    wandb-core binary behind `wandb leet inspect --json`, one JSON record per line."""
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_wandb_offline_run_holds_logged_metrics_and_config(tmp_path, wandb_env, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import predict
-from conftest import CLASSES, REPO, data_flags, run_cli, train_cmd, write_image_folder
+from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from dataset import AugmentedImageFolder, normalize
 from model import build_model
 
@@ -20,12 +20,10 @@ PREDICT = [sys.executable, os.path.join(REPO, "predict.py")]
 def trained(tmp_path_factory):
     """The conftest tiny dataset (val: 8 images), and checkpoints of a tiny_cnn and a resnet18."""
     root = tmp_path_factory.mktemp("predict")
-    data = dict(train_dir=write_image_folder(str(root / "data" / "train"), per_class=8),
-                val_dir=write_image_folder(str(root / "data" / "val"), per_class=3, seed=1))
-    os.remove(os.path.join(data["val_dir"], "square", "002.png"))
+    data = make_tiny_data(str(root))
     run_cli(train_cmd(*data_flags(data, f"{root}/tiny", model="tiny_cnn", epochs=2)))
     run_cli(train_cmd(*data_flags(data, f"{root}/resnet", model="resnet18", epochs=1)))
-    return dict(data, root=root, tiny=f"{root}/tiny/checkpoints/checkpoint_best.pth",
+    return dict(data, tiny=f"{root}/tiny/checkpoints/checkpoint_best.pth",
                 resnet=f"{root}/resnet/checkpoints/checkpoint_best.pth")
 
 

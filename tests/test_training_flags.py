@@ -8,8 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train_ddp
 from config import build_parser
-from conftest import CLASSES, assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd, \
-    write_image_folder
+from conftest import (CLASSES, assert_same_weights, data_flags, load_weights, make_tiny_data, read_wandb_records,
+                      run_cli, torchrun, train_cmd)
 from dataset import AugmentedImageFolder, normalize
 from model import build_model
 from test_recipe import closed_form_lr
@@ -67,14 +65,6 @@ def f32(value):
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def read_wandb_records(run_file):
-    """The records of an offline run's .wandb file, decoded by wandb's own reader (as in test_loggers.py)."""
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 def initial_weights(model_name="tiny_cnn", seed=42):
     """The weights a run starts from: train_ddp.py seeds torch with --seed, then builds the model."""
     torch.manual_seed(seed)
@@ -84,11 +74,7 @@ def initial_weights(model_name="tiny_cnn", seed=42):
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
     """The tiny dataset of conftest's tiny_data, shared (read-only) by this module's runs."""
-    root = tmp_path_factory.mktemp("shared")
-    train_dir = write_image_folder(str(root / "data" / "train"), per_class=8)
-    val_dir = write_image_folder(str(root / "data" / "val"), per_class=3, seed=1)
-    os.remove(os.path.join(val_dir, "square", "002.png"))
-    return dict(train_dir=train_dir, val_dir=val_dir, root=str(root))
+    return make_tiny_data(str(tmp_path_factory.mktemp("shared")))
 
 
 @pytest.fixture(scope="module")
@@ -452,16 +438,10 @@ def test_config_file_errors_exit_2_with_one_line_naming_the_key(shared_data, tmp
 
 # ------------------------------------------------------------------ 10, 11. loggers and the summary line
 
-def test_wandb_and_tensorboard_get_the_step_and_epoch_metrics_of_the_history(shared_data, tmp_path, monkeypatch):
+def test_wandb_and_tensorboard_get_the_step_and_epoch_metrics_of_the_history(shared_data, tmp_path, wandb_env):
     out = str(tmp_path / "run")
-    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
-                 "WANDB_INIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)  # run_cli passes this process's environment on
-    env = dict(WANDB_MODE="offline", WANDB_SILENT="true",
-               **{name: str(tmp_path / "wandb_home" / name.lower())
-                  for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")})
     result = train(shared_data, out, epochs=2, use_wandb=True, use_tensorboard=True, log_every_steps=1,
-                   monitor_metric="val_loss", wandb_project="flags-test", wandb_name="tiny", env=env)
+                   monitor_metric="val_loss", wandb_project="flags-test", wandb_name="tiny")
     history = history_of(out)
     total = 2 * STEPS_PER_EPOCH
     epoch_ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # epoch metrics share the epoch's last step
