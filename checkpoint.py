@@ -1,25 +1,43 @@
-"""Checkpoints: one schema of plain types, atomic writes, safe (weights_only) loads.
+"""Checkpoints: the run's state and its one schema, atomic writes, safe (weights_only) loads.
 
-Schema: model_state_dict (unwrapped: no `module.`/`_orig_mod.`), optimizer_state_dict,
-scaler_state_dict, scheduler_state_dict, epoch (epochs completed), step (optimizer steps done in
-the next epoch: non-zero in a mid-epoch checkpoint), best_acc, class_names, model_name,
-config (flag values), history, rng (per-rank RNG states), train_partial (per-rank running sums
-of the epoch in progress), nonfinite (non-finite step counters). Everything is a tensor, str, int, float, bool, list
-or dict, so `torch.load(path)` works under PyTorch's default `weights_only=True`.
+SCHEMA below is the one description of a checkpoint's keys; `RunState` writes exactly those
+(`to_checkpoint`) and reads them back (`restore`). Every value is a tensor, str, int, float,
+bool, None, list or dict, so `torch.load(path)` works under PyTorch's default `weights_only=True`.
 """
 import os
 import pickle
 import shutil
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from model import first_line, strip_wrapper_prefixes
+from errors import CheckpointError
+from utils import append_history, new_history
 
+SCHEMA = {
+    "model_state_dict": "the unwrapped model's weights (no `module.`/`_orig_mod.` prefixes)",
+    "optimizer_state_dict": "the optimizer's state",
+    "scaler_state_dict": "the GradScaler's state",
+    "scheduler_state_dict": "the learning-rate schedule's state",
+    "epoch": "epochs completed",
+    "step": "optimizer steps done in the next epoch (non-zero in a mid-epoch checkpoint)",
+    "best_acc": "best validation accuracy so far (%)",
+    "best_metric": "best value of --monitor_metric so far (None before the first epoch ends)",
+    "best_epoch": "the epoch of best_metric",
+    "stale_epochs": "epochs since --monitor_metric last improved (early stopping)",
+    "top_k": "[value, epoch] of the --save_top_k best epochs",
+    "history": "the per-epoch metrics so far (utils.HISTORY_KEYS)",
+    "class_names": "class folder names in label order",
+    "model_name": "--model",
+    "config": "every flag's value",
+    "rng": "every rank's torch RNG states (dropout), in rank order",
+    "train_partial": "every rank's running sums of the epoch in progress (metrics.EpochSums), or None",
+}
+EMA_SCHEMA = {  # present with --use_ema only
+    "ema_state_dict": "the EMA weights (same keys as the model, plus n_averaged)",
+    "ema_num_averaged": "how many optimizer steps the EMA has averaged",
+}
 REQUIRED_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "class_names", "config")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or resumed; the message names the file and the fix."""
 
 
 def unwrap(model):
@@ -127,3 +145,120 @@ def check_resumable(checkpoint, path, class_names, model_name):
     if saved_model != model_name:
         raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
                               f"'{model_name}'; pass --model {saved_model} to resume it")
+
+
+def first_line(exc):
+    """An exception's first message line, or its type name when it has no message (EOFError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting order."""
+    def clean(key):
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+    return {clean(k): v for k, v in state_dict.items()}
+
+
+@dataclass
+class RunState:
+    """Where a run stands besides its weights and optimizer: the epoch and step it has reached,
+    the epoch-level decisions so far (best, early stopping, top-k) and the history.
+
+    The one owner of what a checkpoint holds: `to_checkpoint` writes exactly SCHEMA's keys (and
+    EMA_SCHEMA's with an EMA), `restore` loads them into a freshly built run.
+    """
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = 0.0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    top_k: list = field(default_factory=list)
+    history: dict = field(default_factory=new_history)
+    train_partial: list | None = None  # held from a resume until the interrupted epoch takes it
+
+    def to_checkpoint(self, training, class_names, config, rng, train_partial):
+        """The checkpoint dict. `training` holds model, optimizer, scaler, scheduler and ema; `rng`
+        and `train_partial` are every rank's, gathered by the caller."""
+        checkpoint = dict(
+            model_state_dict=unwrap(training.model).state_dict(),
+            optimizer_state_dict=training.optimizer.state_dict(),
+            scaler_state_dict=training.scaler.state_dict(),
+            scheduler_state_dict=training.scheduler.state_dict(),
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "train_partial"},
+            class_names=class_names, model_name=config["model"], config=config, rng=rng,
+            train_partial=train_partial)
+        if training.ema is not None:
+            checkpoint.update(ema_state_dict=training.ema.module.state_dict(),
+                              ema_num_averaged=int(training.ema.n_averaged))
+        return checkpoint
+
+    @classmethod
+    def restore(cls, checkpoint, training, rank):
+        """Load a checkpoint into a built run (weights, optimizer, scaler, schedule, EMA, this
+        rank's RNG) and return its state. Checkpoints of older versions lack some keys: defaults."""
+        unwrap(training.model).load_state_dict(checkpoint["model_state_dict"])
+        training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        if training.ema is not None and "ema_state_dict" in checkpoint:
+            training.ema.module.load_state_dict(checkpoint["ema_state_dict"])
+            training.ema.n_averaged.fill_(checkpoint["ema_num_averaged"])
+        if checkpoint.get("rng"):
+            restore_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+        defaults = cls()
+        return cls(**{f.name: checkpoint.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
+
+    def end_epoch(self, record, monitored, args):
+        """Record a finished epoch and take the epoch-level decisions: best checkpoint, early-stopping
+        count, top-k. Every rank holds the same all-reduced metrics, so the ranks agree without a
+        collective. Returns the checkpoint names to write and the top-k epochs that fell out."""
+        epoch = record["epoch"]
+        append_history(self.history, record)
+        is_best = is_improvement(monitored, self.best_metric, args.monitor_metric)
+        improved = is_improvement(monitored, self.best_metric, args.monitor_metric, args.early_stopping_min_delta)
+        self.epoch, self.step = epoch, 0
+        self.best_acc = max(self.best_acc, record["val_acc"])
+        self.stale_epochs = 0 if improved else self.stale_epochs + 1
+        if is_best:
+            self.best_metric, self.best_epoch = monitored, epoch
+        names = ["checkpoint_latest.pth"] + (["checkpoint_best.pth"] if is_best else [])
+        dropped = []
+        if args.save_top_k:
+            self.top_k, entered, dropped = update_top_k(self.top_k, args.save_top_k, epoch, monitored,
+                                                        args.monitor_metric)
+            names += [top_k_filename(epoch)] if entered else []
+        return names, dropped
+
+    def should_stop_early(self, args):
+        return bool(args.early_stopping_patience) and self.stale_epochs >= args.early_stopping_patience
+
+
+def is_improvement(value, best, monitor, min_delta=0.0):
+    """Whether a monitored value beats the best so far by more than min_delta."""
+    if best is None:
+        return True
+    return value > best + min_delta if monitor == "val_acc" else value < best - min_delta
+
+
+def update_top_k(top_k, k, epoch, value, monitor):
+    """Keep the k best (value, epoch) pairs. Returns (new list, whether this epoch entered it,
+    the epochs that fell out) so the caller saves and deletes the matching files."""
+    entries = sorted(top_k + [[value, epoch]], key=lambda e: (-e[0] if monitor == "val_acc" else e[0], e[1]))
+    kept, dropped = entries[:k], entries[k:]
+    return kept, any(e[1] == epoch for e in kept), [e[1] for e in dropped]
+
+
+def top_k_filename(epoch):
+    return f"checkpoint_epoch{epoch:03d}.pth"
+
+
+def write_checkpoints(checkpoint, directory, names):
+    """Serialise once under names[0]; the other names (best, top-k) are the same bytes."""
+    first = os.path.join(directory, names[0])
+    save_checkpoint(checkpoint, first)
+    for name in names[1:]:
+        copy_checkpoint(first, os.path.join(directory, name))

@@ -7,18 +7,12 @@ import json
 import os
 import tempfile
 
+from errors import ConfigError, DataError
+
 DEMO_DIR = "data/digits"
 # The demo recipe: 8x8 digit scans upscaled to 32 px; no flips (a mirrored digit is another shape).
 DEMO_DEFAULTS = dict(epochs=6, image_size=32, batch_size=32, learning_rate=2e-3, min_crop_scale=0.5,
                      hflip_prob=0.0, num_workers=1, warmup_steps=20)
-
-
-class ConfigError(ValueError):
-    """Flag values that cannot work; the message names the flag and what it accepts."""
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
 
 
 def class_folders(root, role):
@@ -52,8 +46,16 @@ def build_parser():
                     "under torchrun, or through launch_ddp.py; distribution is read from "
                     "torchrun's environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    add_data_flags(parser.add_argument_group("data"))
+    add_model_flags(parser.add_argument_group("model"))
+    add_optimisation_flags(parser.add_argument_group("optimisation"))
+    add_precision_flags(parser.add_argument_group("precision and distribution"))
+    add_debugging_flags(parser.add_argument_group("debugging (as in Lightning)"))
+    add_output_flags(parser.add_argument_group("checkpoints and logs"))
+    return parser
 
-    data = parser.add_argument_group("data")
+
+def add_data_flags(data):
     data.add_argument("--train_dir", default="data/train", help="ImageFolder root: train_dir/<class>/<images>")
     data.add_argument("--val_dir", default="data/val", help="ImageFolder root with the same classes as train_dir")
     data.add_argument("--demo", action="store_true",
@@ -74,7 +76,8 @@ def build_parser():
                       help="skip unreadable image files with a warning (counted in the history) "
                            "instead of stopping with an error that names the file")
 
-    model = parser.add_argument_group("model")
+
+def add_model_flags(model):
     model.add_argument("--model", default="resnet18",
                        help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) "
                             "or tiny_cnn; its head is replaced for the dataset's classes")
@@ -87,7 +90,8 @@ def build_parser():
                        help="local weights file to start from; its classification head is kept only "
                             "if it has as many classes as the dataset")
 
-    optim = parser.add_argument_group("optimisation")
+
+def add_optimisation_flags(optim):
     optim.add_argument("--epochs", type=int, default=50, help="number of training epochs")
     optim.add_argument("--batch_size", type=int, default=32, help="batch size per process")
     optim.add_argument("--learning_rate", type=float, default=0.001, help="peak learning rate")
@@ -115,7 +119,8 @@ def build_parser():
                        help="stop with an error after this many consecutive optimizer steps with a NaN/Inf "
                             "loss or gradient (each such step is skipped)")
 
-    precision = parser.add_argument_group("precision and distribution")
+
+def add_precision_flags(precision):
     precision.add_argument("--use_amp", action="store_true", help="automatic mixed precision (torch.amp autocast)")
     precision.add_argument("--amp_dtype", choices=["float16", "bfloat16"], default="float16",
                            help="autocast dtype; float16 uses a GradScaler, bfloat16 needs none")
@@ -126,7 +131,8 @@ def build_parser():
     precision.add_argument("--distributed", action="store_true",
                            help="accepted for compatibility; distribution is detected from torchrun's environment")
 
-    debug = parser.add_argument_group("debugging (as in Lightning)")
+
+def add_debugging_flags(debug):
     debug.add_argument("--fast_dev_run", action="store_true",
                        help="one train and one val batch per process, no checkpoint or log files, then exit")
     debug.add_argument("--overfit_batches", type=int, default=0,
@@ -136,7 +142,8 @@ def build_parser():
     debug.add_argument("--num_sanity_val_steps", type=int, default=2,
                        help="validation batches run before training, so a broken validation fails in seconds (0: off)")
 
-    output = parser.add_argument_group("checkpoints and logs")
+
+def add_output_flags(output):
     output.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of flag values (keys are flag names); command-line flags win")
     output.add_argument("--monitor_metric", choices=["val_acc", "val_loss"], default="val_acc",
@@ -159,14 +166,13 @@ def build_parser():
                         help="also write checkpoint_latest.pth every N optimizer steps (0: once per epoch); "
                              "a resume continues at the exact next batch")
     output.add_argument("--log_every_steps", type=int, default=10,
-                        help="every N optimizer steps: progress-bar and logger metrics, and the ranks' joint "
-                             "stop decisions (signals, non-finite streak); the loop's only host syncs")
+                        help="every N optimizer steps: progress-bar and logger metrics (a host sync on rank 0); "
+                             "stop decisions (signals, non-finite streak) have their own cadence, about every "
+                             "0.25 s of training")
     output.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (rank 0)")
     output.add_argument("--wandb_project", default="ddp-classify", help="WandB project")
     output.add_argument("--wandb_name", default=None, help="WandB run name")
     output.add_argument("--use_tensorboard", action="store_true", help="log to TensorBoard under log_dir/tensorboard")
-    return parser
-
 
 def parse_args(argv=None):
     """Flags, in increasing priority: defaults, the --demo recipe, the --config file, the command line."""

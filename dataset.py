@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, default_col
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from config import DataError, check_data_folders, class_folders
+from config import check_data_folders, class_folders
+from distributed import validation_shard
+from errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +95,28 @@ def open_rgb(path, min_size=None):
         return img.convert("RGB")
 
 
+def resized_crop(image, box, size, flip, full_size=None):
+    """Crop `box` (left, top, right, bottom) out of an image, resize it to size x size with PIL's
+    antialiased bilinear filter and mirror it when `flip`: the training augmentation of the file
+    path and of the cache's CPU readers. Returns a PIL image.
+
+    `image` is a PIL image, or an HWC uint8 array (a stored cache image), which is cropped by
+    slicing so that only the box's pixels are converted. `box` is in the coordinates of an image of
+    `full_size` (default: the image's own size). At full size the crop comes first, as in
+    torchvision, so the filter sees only the crop's pixels; an image decoded at a reduced JPEG
+    scale is resized from the same box in its own, fractional, coordinates."""
+    left, top, right, bottom = box
+    if isinstance(image, np.ndarray):
+        resized = Image.fromarray(image[top:bottom, left:right]).resize((size, size), Image.BILINEAR)
+    elif full_size is None or image.size == full_size:
+        resized = image.crop(box).resize((size, size), Image.BILINEAR)
+    else:
+        sx, sy = image.width / full_size[0], image.height / full_size[1]
+        scaled_box = (left * sx, top * sy, right * sx, bottom * sy)
+        resized = image.resize((size, size), Image.BILINEAR, box=scaled_box)
+    return resized.transpose(Image.FLIP_LEFT_RIGHT) if flip else resized
+
+
 class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder returning (uint8 CHW tensor, label, index).
 
@@ -143,15 +167,8 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         size = self.image_size
         # Decode only as many pixels as the crop needs at the output size.
         min_size = (width * size / w, height * size / h) if self.fast_decode else None
-        image = open_rgb(path, min_size)
-        if image.size == (width, height):  # torchvision's crop, then resize (faster than a resize box)
-            image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-        else:  # decoded at a reduced scale: the same box, in that scale's fractional coordinates
-            sx, sy = image.width / width, image.height / height
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            image = image.resize((size, size), Image.BILINEAR, box=box)
-        return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
-
+        return resized_crop(open_rgb(path, min_size), (left, top, left + w, top + h), size, flip,
+                            full_size=(width, height))
 
 
 class EpochTaggedSampler(DistributedSampler):
@@ -241,9 +258,7 @@ def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size,
     # drop_last: a last batch of one sample would break batch norm at small spatial sizes.
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(seed), **common)
-    # Unpadded shard: every val image is evaluated exactly once across ranks.
-    val_indices = list(range(rank, len(val_set), world_size))
-    val_loader = DataLoader(Subset(val_set, val_indices), shuffle=False,
+    val_loader = DataLoader(Subset(val_set, validation_shard(len(val_set), rank, world_size)), shuffle=False,
                             generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, val_loader
 

@@ -22,13 +22,13 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from dataset import UNREADABLE, DataError, open_resized, random_resized_crop_box, sample_seed, train_sampler
+from dataset import UNREADABLE, open_resized, random_resized_crop_box, resized_crop, sample_seed, train_sampler
 from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
+import distributed
+from errors import DataError
 
 
 READER_THREADS = min(4, os.cpu_count() or 1)
@@ -182,14 +182,14 @@ class CachedBatches:
     def read_batch(self, chunk):
         """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
         memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
-        made here in the reader thread by PIL: crop, then the antialiased bilinear filter of
-        crop_and_flip and TF.resized_crop (within 1 of 255), 2.4x faster than torch's uint8
-        resize on a CPU at 224 px (BENCHMARKS.md); PIL releases the GIL while it resizes."""
+        made here in the reader thread by the file path's resized_crop (PIL: the antialiased
+        bilinear filter of crop_and_flip and TF.resized_crop, within 1 of 255), which is faster
+        on a CPU than torch's uint8 resize (BENCHMARKS.md) and releases the GIL while it resizes."""
         on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
         pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
         # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it and
-        # stalled the training thread's kernel launches: a py-spy profile in BENCHMARKS.md).
+        # stalled the training thread's kernel launches).
         torch.index_select(self.pixels, 0, indices, out=pixels)
         labels = self.labels[indices]
         boxes = flips = None
@@ -203,9 +203,7 @@ class CachedBatches:
         crops = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
         stored = pixels.numpy()
         for row, ((left, top, width, height), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
-            crop = Image.fromarray(stored[row, top:top + height, left:left + width])
-            crop = crop.resize((self.image_size, self.image_size), Image.BILINEAR)
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+            crop = resized_crop(stored[row], (left, top, left + width, top + height), self.image_size, flip)
             crops[row] = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)
         return crops, labels, indices, None, None
 
@@ -228,8 +226,8 @@ def resize_weights(starts, lengths, out_size, in_size, dtype, flips=None):
     the scale when shrinking. Rows sum to 1; `flips` reverses the output order per sample.
 
     Only a few taps per output pixel are non-zero: they are computed small, (B, out_size, taps),
-    and scattered into zeros (building the dense matrix element by element made the whole crop
-    1.62 instead of 1.31 ms per 256-image batch on an H100; the two matrix products are 0.15 ms)."""
+    and scattered into zeros, which is cheaper on a GPU than building the dense matrix element by
+    element."""
     device = starts.device
     starts, lengths = starts.float().view(-1, 1, 1), lengths.float().view(-1, 1, 1)
     scale = lengths / out_size
@@ -265,13 +263,12 @@ def crop_and_flip(pixels, boxes, flips, size):
 
 def build_cached_loaders(train_set, val_set, args, ctx):
     """Train and val loaders over the image cache in args.cache_images (built on first use)."""
-    barrier = dist.barrier if ctx.distributed else (lambda: None)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     opened = []
     for dataset in (train_set, val_set):
         began = time.perf_counter()
-        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, barrier,
-                                            ctx.local_rank, local_world)
+        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers,
+                                            distributed.barrier, ctx.local_rank, local_world)
         if ctx.is_main:
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
@@ -280,6 +277,7 @@ def build_cached_loaders(train_set, val_set, args, ctx):
     train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,
                                  ctx.device, drop_last=True, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
                                  hflip_prob=args.hflip_prob, augment=train_set.augment)
-    val_loader = CachedBatches(opened[1], val_set.targets, list(range(ctx.rank, len(val_set), ctx.world_size)),
-                               args.batch_size, False, args.image_size, ctx.device, drop_last=False)
+    val_shard = distributed.validation_shard(len(val_set), ctx.rank, ctx.world_size)
+    val_loader = CachedBatches(opened[1], val_set.targets, val_shard, args.batch_size, False, args.image_size,
+                               ctx.device, drop_last=False)
     return train_loader, val_loader

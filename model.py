@@ -10,12 +10,11 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from checkpoint import first_line, strip_wrapper_prefixes
+from errors import ModelError
+
 # The file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads into torch.hub's cache.
 RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"
-
-
-class ModelError(ValueError):
-    """A model that cannot be built as asked (unknown name, missing or mismatched weights)."""
 
 
 def load_weights_file(path):
@@ -31,21 +30,6 @@ def load_weights_file(path):
     if not isinstance(state, dict):
         raise ModelError(f"{path} does not hold a state dict")
     return strip_wrapper_prefixes(state)
-
-
-def first_line(exc):
-    """An exception's first message line, or its type name when it has no message (EOFError)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def strip_wrapper_prefixes(state_dict):
-    """Remove `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting order."""
-    def clean(key):
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        return key
-    return {clean(k): v for k, v in state_dict.items()}
 
 
 def find_imagenet_resnet18_weights(weights_path=None):

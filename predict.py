@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import first_line, load_checkpoint, strip_wrapper_prefixes
 from dataset import load_eval, normalize
-from model import ModelError, build_model, first_line, strip_wrapper_prefixes
+from errors import CheckpointError, ModelError
+from model import build_model
 
 
 class UsageError(ValueError):

@@ -1,5 +1,4 @@
-"""The training recipe: optimizer, learning-rate scaling and schedule, EMA, and the epoch-level
-decisions (best checkpoint, early stopping, top-k) — all from torch.optim and plain functions."""
+"""The training recipe: optimizer, learning-rate scaling and schedule, and EMA, all from torch.optim."""
 import math
 
 import torch
@@ -43,22 +42,3 @@ def build_scheduler(optimizer, args, steps_per_epoch):
 def build_ema(model, decay):
     """An exponential moving average of the weights and buffers (batch-norm statistics too)."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def is_improvement(value, best, monitor, min_delta=0.0):
-    """Whether a monitored value beats the best so far by more than min_delta."""
-    if best is None:
-        return True
-    return value > best + min_delta if monitor == "val_acc" else value < best - min_delta
-
-
-def update_top_k(top_k, k, epoch, value, monitor):
-    """Keep the k best (value, epoch) pairs. Returns (new list, whether this epoch entered it,
-    the epochs that fell out) so the caller saves and deletes the matching files."""
-    entries = sorted(top_k + [[value, epoch]], key=lambda e: (-e[0] if monitor == "val_acc" else e[0], e[1]))
-    kept, dropped = entries[:k], entries[k:]
-    return kept, any(e[1] == epoch for e in kept), [e[1] for e in dropped]
-
-
-def top_k_filename(epoch):
-    return f"checkpoint_epoch{epoch:03d}.pth"

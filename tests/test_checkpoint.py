@@ -1,14 +1,19 @@
-"""checkpoint.py: atomic saves, safe loads that refuse code-carrying pickles, unwrap, resume checks."""
+"""checkpoint.py: the schema and RunState, atomic saves, safe loads that refuse code-carrying pickles,
+unwrap, resume checks, and the epoch-level decisions (best, early stopping, top-k)."""
 import os
 import re
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from checkpoint import (REQUIRED_KEYS, CheckpointError, check_resumable, load_checkpoint, save_checkpoint,
-                        unwrap)
+from checkpoint import (EMA_SCHEMA, REQUIRED_KEYS, SCHEMA, CheckpointError, RunState, check_resumable, is_improvement,
+                        load_checkpoint, rng_state, save_checkpoint, strip_wrapper_prefixes, top_k_filename, unwrap,
+                        update_top_k)
 from model import TinyCNN
+from utils import HISTORY_KEYS
 
 
 def make_state(model=None, **overrides):
@@ -211,3 +216,161 @@ def test_check_resumable_refuses_another_model_and_names_the_flag():
     check_resumable(old, "old.pth", ["circle", "square", "triangle"], "resnet18")
     with pytest.raises(CheckpointError, match="holds a 'resnet18' model"):
         check_resumable(old, "old.pth", ["circle", "square", "triangle"], "tiny_cnn")
+
+
+# ------------------------------------------------------------------ improvement, top-k
+
+@pytest.mark.parametrize("value, best, min_delta, expected", [
+    (50.0, None, 0.0, True),       # the first epoch always improves
+    (50.0, None, 99.0, True),
+    (50.0, 40.0, 0.0, True),
+    (40.0, 40.0, 0.0, False),      # a tie is not an improvement
+    (30.0, 40.0, 0.0, False),
+    (40.05, 40.0, 0.1, False),     # must beat the best by more than min_delta
+    (40.2, 40.0, 0.1, True),
+])
+def test_is_improvement_for_val_acc_needs_a_higher_value(value, best, min_delta, expected):
+    assert is_improvement(value, best, "val_acc", min_delta) is expected
+
+
+@pytest.mark.parametrize("value, best, min_delta, expected", [
+    (0.9, None, 0.0, True),
+    (0.5, 0.6, 0.0, True),
+    (0.6, 0.6, 0.0, False),
+    (0.7, 0.6, 0.0, False),
+    (0.55, 0.6, 0.1, False),
+    (0.45, 0.6, 0.1, True),
+])
+def test_is_improvement_for_val_loss_needs_a_lower_value(value, best, min_delta, expected):
+    assert is_improvement(value, best, "val_loss", min_delta) is expected
+
+
+def run_top_k(values, k, monitor):
+    """Feed per-epoch values (epochs 1, 2, ...) through update_top_k as train_ddp.py does; return the
+    kept list and the per-epoch (entered, dropped) decisions."""
+    top_k, decisions = [], []
+    for epoch, value in enumerate(values, start=1):
+        top_k, entered, dropped = update_top_k(top_k, k, epoch, value, monitor)
+        decisions.append((entered, dropped))
+    return top_k, decisions
+
+
+def test_top_k_keeps_the_k_highest_accuracies_and_drops_the_rest():
+    top_k, decisions = run_top_k([50.0, 70.0, 60.0, 80.0, 10.0], 2, "val_acc")
+    assert top_k == [[80.0, 4], [70.0, 2]]
+    assert decisions == [(True, []), (True, []), (True, [1]), (True, [3]), (False, [5])]
+
+
+def test_top_k_keeps_the_k_lowest_losses():
+    top_k, decisions = run_top_k([0.9, 0.5, 0.7, 0.4], 2, "val_loss")
+    assert top_k == [[0.4, 4], [0.5, 2]]
+    assert decisions == [(True, []), (True, []), (True, [1]), (True, [3])]
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "val_loss"])
+def test_top_k_ties_keep_the_earlier_epoch(monitor):
+    top_k, decisions = run_top_k([5.0, 5.0, 5.0], 2, monitor)
+    assert [epoch for _, epoch in top_k] == [1, 2]
+    assert decisions[2] == (False, [3])  # a later tie never displaces a kept epoch
+
+
+def test_top_1_and_a_k_larger_than_the_run():
+    assert run_top_k([1.0, 3.0, 2.0], 1, "val_acc")[0] == [[3.0, 2]]
+    top_k, decisions = run_top_k([1.0, 3.0, 2.0], 5, "val_acc")
+    assert top_k == [[3.0, 2], [2.0, 3], [1.0, 1]] and all(d == (True, []) for d in decisions)
+
+
+def test_update_top_k_does_not_modify_its_input():
+    before = [[70.0, 1], [60.0, 2]]
+    update_top_k(before, 2, 3, 80.0, "val_acc")
+    assert before == [[70.0, 1], [60.0, 2]]
+
+
+def test_top_k_file_names_sort_by_epoch():
+    assert top_k_filename(7) == "checkpoint_epoch007.pth"
+    assert top_k_filename(123) == "checkpoint_epoch123.pth"
+    assert sorted(top_k_filename(e) for e in (10, 2, 100)) == [top_k_filename(e) for e in (2, 10, 100)]
+
+
+# ------------------------------------------------------------------ strip_wrapper_prefixes
+
+def test_strip_wrapper_prefixes_removes_ddp_and_compile_prefixes_only_at_the_start():
+    value = torch.ones(1)
+    state = {"module.conv1.weight": value, "_orig_mod.fc.bias": 2, "module._orig_mod.layer1.0.bn1.weight": 3,
+             "module.module.x": 4, "bn.running_mean": 5, "layer.module.y": 6, "mymodule.z": 7}
+    assert strip_wrapper_prefixes(state) == {
+        "conv1.weight": value, "fc.bias": 2, "layer1.0.bn1.weight": 3, "x": 4, "bn.running_mean": 5,
+        "layer.module.y": 6, "mymodule.z": 7}
+    assert strip_wrapper_prefixes(state)["conv1.weight"] is value  # tensors are not copied
+    assert list(strip_wrapper_prefixes(state))[:2] == ["conv1.weight", "fc.bias"]  # order kept
+
+
+def test_strip_wrapper_prefixes_handles_torch_compile_of_a_ddp_model():
+    # torch.compile(DDP(model)).state_dict() has keys `_orig_mod.module.<name>`.
+    model = TinyCNN(num_classes=2)
+    wrapped = nn.Module()
+    wrapped.module = model
+    compiled = torch.compile(wrapped)
+    keys = list(compiled.state_dict())
+    assert keys[0] == "_orig_mod.module.features.0.weight"
+    assert list(strip_wrapper_prefixes(compiled.state_dict())) == list(model.state_dict())
+
+
+
+# ------------------------------------------------------------------ the schema and RunState
+
+def test_a_saved_checkpoint_holds_exactly_the_documented_keys(tiny_data, tmp_path):
+    from conftest import REPO, data_flags, run_cli, train_cmd
+    for name, extra in (("plain", {}), ("ema", {"use_ema": True})):
+        run_cli(train_cmd(*data_flags(tiny_data, f"{tmp_path}/{name}", model="tiny_cnn", **extra)))
+    plain = torch.load(f"{tmp_path}/plain/checkpoints/checkpoint_latest.pth")
+    with_ema = torch.load(f"{tmp_path}/ema/checkpoints/checkpoint_latest.pth")
+    assert set(plain) == set(SCHEMA)
+    assert set(with_ema) == set(SCHEMA) | set(EMA_SCHEMA)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    table = readme[readme.index("| key | content |"):].split("\n\n")[0]
+    documented = set(re.findall(r"`([a-z_]+)`", table))
+    assert set(SCHEMA) | set(EMA_SCHEMA) <= documented, "README's checkpoint table lacks keys"
+
+
+def built_run(seed=0):
+    torch.manual_seed(seed)
+    model = TinyCNN(num_classes=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return SimpleNamespace(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           scheduler=torch.optim.lr_scheduler.LinearLR(optimizer), ema=None)
+
+
+def test_run_state_round_trips_through_a_checkpoint_into_a_freshly_built_run():
+    trained = built_run(seed=1)
+    trained.model(torch.randn(2, 3, 8, 8)).sum().backward()
+    trained.optimizer.step()
+    trained.scheduler.step()
+    state = RunState(epoch=3, step=2, best_acc=75.0, best_metric=0.5, best_epoch=2, stale_epochs=1,
+                     top_k=[[0.5, 2]], history={"epoch": [1, 2, 3]})
+    checkpoint = state.to_checkpoint(trained, ["a", "b", "c"], {"model": "tiny_cnn"}, rng=[rng_state()],
+                                     train_partial=[{"loss": 1.5}])
+    assert set(checkpoint) == set(SCHEMA)
+    fresh = built_run(seed=2)
+    restored = RunState.restore(checkpoint, fresh, rank=0)
+    assert restored == RunState(**{**vars(state), "train_partial": [{"loss": 1.5}]})
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[key], value)
+    assert fresh.scheduler.state_dict() == trained.scheduler.state_dict()
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_run_state_end_epoch_decides_best_early_stopping_and_top_k():
+    args = SimpleNamespace(monitor_metric="val_loss", early_stopping_min_delta=0.1, save_top_k=1,
+                           early_stopping_patience=2)
+    state = RunState()
+    record = lambda epoch, acc: dict(dict.fromkeys(HISTORY_KEYS, 0), epoch=epoch, val_acc=acc)
+    assert state.end_epoch(record(1, 50.0), 1.0, args) == (
+        ["checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_epoch001.pth"], [])
+    # Better, but by less than min_delta: best checkpoint and top-k move, early stopping counts it stale.
+    assert state.end_epoch(record(2, 40.0), 0.95, args) == (
+        ["checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_epoch002.pth"], [1])
+    assert (state.best_metric, state.best_epoch, state.best_acc, state.stale_epochs) == (0.95, 2, 50.0, 1)
+    assert not state.should_stop_early(args)
+    assert state.end_epoch(record(3, 60.0), 2.0, args) == (["checkpoint_latest.pth"], [3])
+    assert state.should_stop_early(args) and state.history["epoch"] == [1, 2, 3] and state.epoch == 3

@@ -17,7 +17,7 @@ from conftest import CLASSES
 from config import parse_args
 from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      EpochTaggedSampler, build_datasets, build_loaders, normalize,
-                     open_rgb, prepare_digits_demo, random_resized_crop_box, sample_seed)
+                     open_rgb, prepare_digits_demo, random_resized_crop_box, resized_crop, sample_seed)
 
 
 def box_for(width, height, seed, epoch, index, scale=(0.08, 1.0)):
@@ -155,6 +155,19 @@ def test_train_items_are_torchvisions_resized_crop_and_flip_of_the_drawn_box(tin
             expected, flipped = TF.hflip(expected), flipped + 1
         assert torch.equal(dataset[(7, index)][0], TF.pil_to_tensor(expected))
     assert 0 < flipped < 24
+
+
+def test_resized_crop_of_a_stored_array_equals_that_of_the_pil_image_and_torchvisions():
+    # The cache's CPU readers pass stored HWC arrays, the file path PIL images: one crop either way.
+    pixels = np.random.RandomState(0).randint(0, 256, (40, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for left, top, w, h in [(0, 0, 50, 40), (7, 3, 20, 31), (45, 0, 5, 40)]:
+        for flip in (False, True):
+            from_array = resized_crop(pixels, (left, top, left + w, top + h), 16, flip)
+            from_image = resized_crop(image, (left, top, left + w, top + h), 16, flip)
+            expected = TF.resized_crop(image, top, left, h, w, [16, 16], InterpolationMode.BILINEAR)
+            expected = TF.hflip(expected) if flip else expected
+            assert from_array.tobytes() == from_image.tobytes() == expected.tobytes()
 
 
 def test_hflip_probability_one_mirrors_the_same_crop(tiny_data):

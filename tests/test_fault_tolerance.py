@@ -125,6 +125,53 @@ def test_sigterm_to_the_launcher_saves_a_resumable_checkpoint_at_a_step_boundary
     assert_same_run(f"{tmp_path}/checkpoints/checkpoint_latest.pth", references["two"])
 
 
+def start_with_sigterm_pending(args):
+    """Start a job with SIGTERM blocked (as a wrapper may leave it) and send SIGTERM at once: the
+    signal waits, pending, until train_ddp.py installs its handler, so the stop is requested
+    before the first step whatever the machine's speed."""
+    job = start(args, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+    job.send_signal(signal.SIGTERM)
+    return job
+
+
+def test_a_signal_acted_on_at_the_last_step_of_an_epoch_resumes_into_that_epochs_validation(tmp_path):
+    from conftest import write_image_folder
+    data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=8),
+                val_dir=write_image_folder(str(tmp_path / "val"), per_class=3, seed=1))
+    # 24 images in one batch: every epoch is one optimizer step, so the first joint check is at
+    # the epoch's last step.
+    flags = dict(RUN, epochs=2, batch_size=24, log_every_steps=1000, save_every_steps=0)
+    run_cli(train_cmd(*data_flags(data, f"{tmp_path}/reference", **flags)))
+    command = train_cmd(*data_flags(data, f"{tmp_path}/run", **flags))
+    job = start_with_sigterm_pending(command)
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + signal.SIGTERM, output
+    latest = f"{tmp_path}/run/checkpoints/checkpoint_latest.pth"
+    saved = torch.load(latest)
+    assert (saved["epoch"], saved["step"]) == (0, 1)  # epoch 1 trained, not yet validated
+    resumed = run_cli(command + ["--auto_resume"])
+    assert "Epoch 1/2 |" in resumed.stdout and "Epoch 2/2 |" in resumed.stdout
+    assert_same_run(latest, f"{tmp_path}/reference/checkpoints/checkpoint_latest.pth")
+
+
+def test_a_signal_stops_mid_epoch_at_a_joint_check_whatever_log_every_steps_is(tmp_path):
+    from conftest import write_image_folder
+    data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=100),
+                val_dir=write_image_folder(str(tmp_path / "val"), per_class=1, seed=1))
+    # 300 steps of a few ms per epoch, no log point inside an epoch: the joint checks alone
+    # (about every 0.25 s) must notice the signal.
+    flags = data_flags(data, str(tmp_path), model="tiny_cnn", batch_size=1, epochs=1000, log_every_steps=100000)
+    job = start(train_cmd(*flags))
+    latest = f"{tmp_path}/checkpoints/checkpoint_latest.pth"
+    wait_for_checkpoint(latest, lambda c: c["epoch"] >= 1)  # epoch 2 has just begun
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=60)[0]
+    assert job.returncode == 128 + signal.SIGTERM, output
+    saved = torch.load(latest)
+    assert saved["epoch"] == 1 and 0 < saved["step"] < 300, (saved["epoch"], saved["step"])
+    assert "Stopped by signal 15: saved step" in output
+
+
 def test_a_failing_rank_ends_the_whole_job_quickly_with_its_error_visible(tiny_data, tmp_path):
     with open(f"{tiny_data['train_dir']}/square/003.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not really a png")

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model import (RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model,
-                   load_weights_file, strip_wrapper_prefixes)
+from model import RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model, load_weights_file
 
 
 @pytest.fixture(scope="module")
@@ -189,28 +188,3 @@ def test_empty_weights_file_is_a_model_error(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ModelError, match=re.escape(f"cannot load weights file {empty}")):
         load_weights_file(str(empty))
-
-
-# ------------------------------------------------------------------ strip_wrapper_prefixes
-
-def test_strip_wrapper_prefixes_removes_ddp_and_compile_prefixes_only_at_the_start():
-    value = torch.ones(1)
-    state = {"module.conv1.weight": value, "_orig_mod.fc.bias": 2, "module._orig_mod.layer1.0.bn1.weight": 3,
-             "module.module.x": 4, "bn.running_mean": 5, "layer.module.y": 6, "mymodule.z": 7}
-    assert strip_wrapper_prefixes(state) == {
-        "conv1.weight": value, "fc.bias": 2, "layer1.0.bn1.weight": 3, "x": 4, "bn.running_mean": 5,
-        "layer.module.y": 6, "mymodule.z": 7}
-    assert strip_wrapper_prefixes(state)["conv1.weight"] is value  # tensors are not copied
-    assert list(strip_wrapper_prefixes(state))[:2] == ["conv1.weight", "fc.bias"]  # order kept
-
-
-def test_strip_wrapper_prefixes_handles_torch_compile_of_a_ddp_model():
-    # torch.compile(DDP(model)).state_dict() has keys `_orig_mod.module.<name>`.
-    model = TinyCNN(num_classes=2)
-    wrapped = nn.Module()
-    wrapped.module = model
-    compiled = torch.compile(wrapped)
-    keys = list(compiled.state_dict())
-    assert keys[0] == "_orig_mod.module.features.0.weight"
-    assert list(strip_wrapper_prefixes(compiled.state_dict())) == list(model.state_dict())
-

@@ -1,12 +1,11 @@
-"""recipe.py: learning-rate scaling, optimizers, schedules, EMA and the epoch-level decisions, in-process."""
+"""recipe.py: learning-rate scaling, optimizers, schedules and EMA, in-process."""
 import math
 
 import pytest
 import torch
 
 from config import build_parser
-from recipe import (build_ema, build_optimizer, build_scheduler, is_improvement, scaled_learning_rate,
-                    top_k_filename, update_top_k)
+from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 
 
 def flags(*argv):
@@ -178,77 +177,3 @@ def test_ema_starts_at_the_weights_then_averages_weights_and_buffers_with_the_de
     assert int(ema.n_averaged) == 2
     assert list(averaged) == list(model.state_dict())  # the plain model's keys: no "module." prefix
     assert ema.module is not model
-
-
-# ------------------------------------------------------------------ improvement, top-k
-
-@pytest.mark.parametrize("value, best, min_delta, expected", [
-    (50.0, None, 0.0, True),       # the first epoch always improves
-    (50.0, None, 99.0, True),
-    (50.0, 40.0, 0.0, True),
-    (40.0, 40.0, 0.0, False),      # a tie is not an improvement
-    (30.0, 40.0, 0.0, False),
-    (40.05, 40.0, 0.1, False),     # must beat the best by more than min_delta
-    (40.2, 40.0, 0.1, True),
-])
-def test_is_improvement_for_val_acc_needs_a_higher_value(value, best, min_delta, expected):
-    assert is_improvement(value, best, "val_acc", min_delta) is expected
-
-
-@pytest.mark.parametrize("value, best, min_delta, expected", [
-    (0.9, None, 0.0, True),
-    (0.5, 0.6, 0.0, True),
-    (0.6, 0.6, 0.0, False),
-    (0.7, 0.6, 0.0, False),
-    (0.55, 0.6, 0.1, False),
-    (0.45, 0.6, 0.1, True),
-])
-def test_is_improvement_for_val_loss_needs_a_lower_value(value, best, min_delta, expected):
-    assert is_improvement(value, best, "val_loss", min_delta) is expected
-
-
-def run_top_k(values, k, monitor):
-    """Feed per-epoch values (epochs 1, 2, ...) through update_top_k as train_ddp.py does; return the
-    kept list and the per-epoch (entered, dropped) decisions."""
-    top_k, decisions = [], []
-    for epoch, value in enumerate(values, start=1):
-        top_k, entered, dropped = update_top_k(top_k, k, epoch, value, monitor)
-        decisions.append((entered, dropped))
-    return top_k, decisions
-
-
-def test_top_k_keeps_the_k_highest_accuracies_and_drops_the_rest():
-    top_k, decisions = run_top_k([50.0, 70.0, 60.0, 80.0, 10.0], 2, "val_acc")
-    assert top_k == [[80.0, 4], [70.0, 2]]
-    assert decisions == [(True, []), (True, []), (True, [1]), (True, [3]), (False, [5])]
-
-
-def test_top_k_keeps_the_k_lowest_losses():
-    top_k, decisions = run_top_k([0.9, 0.5, 0.7, 0.4], 2, "val_loss")
-    assert top_k == [[0.4, 4], [0.5, 2]]
-    assert decisions == [(True, []), (True, []), (True, [1]), (True, [3])]
-
-
-@pytest.mark.parametrize("monitor", ["val_acc", "val_loss"])
-def test_top_k_ties_keep_the_earlier_epoch(monitor):
-    top_k, decisions = run_top_k([5.0, 5.0, 5.0], 2, monitor)
-    assert [epoch for _, epoch in top_k] == [1, 2]
-    assert decisions[2] == (False, [3])  # a later tie never displaces a kept epoch
-
-
-def test_top_1_and_a_k_larger_than_the_run():
-    assert run_top_k([1.0, 3.0, 2.0], 1, "val_acc")[0] == [[3.0, 2]]
-    top_k, decisions = run_top_k([1.0, 3.0, 2.0], 5, "val_acc")
-    assert top_k == [[3.0, 2], [2.0, 3], [1.0, 1]] and all(d == (True, []) for d in decisions)
-
-
-def test_update_top_k_does_not_modify_its_input():
-    before = [[70.0, 1], [60.0, 2]]
-    update_top_k(before, 2, 3, 80.0, "val_acc")
-    assert before == [[70.0, 1], [60.0, 2]]
-
-
-def test_top_k_file_names_sort_by_epoch():
-    assert top_k_filename(7) == "checkpoint_epoch007.pth"
-    assert top_k_filename(123) == "checkpoint_epoch123.pth"
-    assert sorted(top_k_filename(e) for e in (10, 2, 100)) == [top_k_filename(e) for e in (2, 10, 100)]

@@ -11,8 +11,9 @@ import train_ddp
 from conftest import (assert_same_weights, data_flags, load_weights, run_cli, torchrun,
                       train_cmd)
 from dataset import AugmentedImageFolder, build_loaders
+from metrics import evaluate
 from model import build_model
-from utils import DistContext
+from distributed import DistContext
 
 
 def test_one_process_run_writes_loadable_checkpoints_and_history(tiny_data, tmp_path):
@@ -95,7 +96,7 @@ def evaluate_in_one_process(checkpoint_path, val_dir, image_size):
     args = train_ddp.parse_args(["--batch_size", "3"])
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     pieces = SimpleNamespace(amp_dtype=torch.float32, memory_format=torch.contiguous_format)
-    return train_ddp.evaluate(model, val_loader, len(val_set), pieces, args, ctx)
+    return evaluate(model, val_loader, len(val_set), pieces, args, ctx)
 
 
 def test_distributed_validation_equals_one_process_exactly_on_an_odd_sized_set(tiny_data, tmp_path):

@@ -1,19 +1,15 @@
-"""utils.py: the history plot CLI, atomic JSON, and one-process behaviour of the distributed helpers."""
+"""utils.py: the history, its plot CLI and atomic JSON."""
 import json
 import os
 import sys
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 from PIL import Image
 
 import utils
 from conftest import REPO, run_cli
-from model import TinyCNN
-from utils import (HISTORY_KEYS, DistContext, all_reduce_sum, append_history, broadcast_buffers, new_history,
-                   setup_distributed, write_json_atomic)
+from utils import HISTORY_KEYS, append_history, new_history, write_json_atomic
 
 
 def three_epoch_history():
@@ -113,31 +109,3 @@ def test_write_json_atomic_failure_keeps_the_previous_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"epoch": [object()]})  # not JSON-serialisable
     assert json.load(open(path)) == {"epoch": [1]}
-
-
-# ------------------------------------------------------------------ distributed helpers, one process
-
-def test_setup_without_torchrun_is_one_process_without_a_process_group(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    ctx = setup_distributed()
-    assert ctx == DistContext(rank=0, local_rank=0, world_size=1,
-                              device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    assert ctx.is_main and not ctx.distributed
-    assert not dist.is_initialized()
-    assert DistContext(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")).distributed
-    assert not DistContext(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")).is_main
-
-
-def test_all_reduce_sum_and_broadcast_buffers_are_no_ops_without_a_process_group():
-    assert not dist.is_initialized()
-    tensor = torch.tensor([1.0, 2.0, 3.0])
-    assert all_reduce_sum(tensor) is tensor
-    assert torch.equal(tensor, torch.tensor([1.0, 2.0, 3.0]))
-
-    model = torch.nn.Sequential(TinyCNN(num_classes=2).features[0], torch.nn.BatchNorm2d(16))
-    model[1].running_mean.fill_(0.25)
-    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    assert broadcast_buffers(model) is None
-    for name, buffer in model.named_buffers():
-        assert torch.equal(buffer, before[name])

@@ -1,0 +1,186 @@
+"""Distributed helpers: the process group, the few collectives the loop uses, and stop signals.
+
+Run without torchrun there is one process and no process group; every helper then does the
+one-process thing, so the loop has no `if distributed` branches beyond DDP's `no_sync`.
+"""
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def describe(self):
+        if not self.distributed:
+            return f"1 process on {self.device.type}"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        return f"{self.world_size} processes on {self.device.type} ({backend})"
+
+
+def setup_distributed(timeout_minutes=10.0):
+    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        timeout = timedelta(minutes=timeout_minutes)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across worker-group restarts: without a per-attempt prefix a
+        # restarted group reads the dead workers' addresses and fails to connect (pytorch#167288).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def teardown_distributed():
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all ranks in place (a no-op in a one-process run)."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(values, device):
+    """The element-wise maximum over ranks of a few local numbers, as floats (one collective).
+
+    Every joint decision goes through here (stop on a signal, abort on a non-finite streak), at
+    the same step on every rank, so no rank is left waiting in a collective the others skipped."""
+    tensor = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather_from_ranks(obj):
+    """Every rank's `obj`, as a list in rank order (a one-element list in a one-process run)."""
+    if not is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_buffers(module, src=0):
+    """Copy rank `src`'s buffers (batch-norm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    rank holds statistics updated by its own last batch; evaluating with those would mix models.
+    """
+    if is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
+def validation_shard(num_items, rank, world_size):
+    """This rank's unpadded share of an evaluation set: items rank, rank + world, ... Every item is
+    evaluated exactly once across ranks (DistributedSampler would pad with duplicates)."""
+    return list(range(rank, num_items, world_size))
+
+
+def main_print(ctx, *args, **kwargs):
+    """Only rank 0 prints progress; errors are printed by the rank that hits them."""
+    if ctx.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT only record the request here; the loop acts on it at a step boundary,
+    after a joint decision, so every rank saves and exits at the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.record)
+        # A job started with these signals blocked (inherited from a wrapper) would never see a
+        # preemption notice; one already pending is delivered now, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
+    def record(self, signum, _frame):
+        self.signal = signum
+
+    @property
+    def requested(self):
+        return self.signal is not None
+
+    def adopt(self, signum):
+        """Take the signal the ranks agreed on (a rank the signal did not reach has none of its own);
+        True when there is one."""
+        if signum and self.signal is None:
+            self.signal = int(signum)
+        return bool(signum)
+
+    def agreed(self, device):
+        """A joint decision on its own: True on every rank when any rank got a signal."""
+        return self.adopt(all_reduce_max([self.signal or 0], device)[0])
+
+
+class JointChecks:
+    """When the ranks next decide together whether to stop (a signal, a non-finite streak).
+
+    A check is a host sync and a tiny all-reduce, so it runs every few optimizer steps, about
+    every `seconds` of training, independent of logging. Rank 0 measures the step time and
+    picks the next interval; its choice rides on the check's own all-reduce, so every rank
+    checks at the same step. The first step of a run and the last of each epoch always check.
+    """
+
+    def __init__(self, device, seconds=0.25):
+        self.device, self.seconds = device, seconds
+        self.next_step = None
+        self.last_step = self.last_time = None
+
+    def due(self, global_step, last_of_epoch):
+        return last_of_epoch or self.next_step is None or global_step >= self.next_step
+
+    def run(self, global_step, stop, nonfinite_streak, is_main):
+        """Whether to stop (a signal on any rank: `stop.signal` is then set on every rank) and the
+        non-finite streak, agreed by all ranks; schedules the next check."""
+        now = time.perf_counter()
+        interval = 1
+        if is_main and self.last_step is not None and global_step > self.last_step:
+            per_step = (now - self.last_time) / (global_step - self.last_step)
+            interval = max(1, int(self.seconds / max(per_step, 1e-6)))
+        signum, streak, interval = all_reduce_max([stop.signal or 0, nonfinite_streak, interval], self.device)
+        self.next_step, self.last_step, self.last_time = global_step + int(interval), global_step, now
+        return stop.adopt(signum), int(streak)

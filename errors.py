@@ -1,0 +1,28 @@
+"""The errors a user can cause, one class per kind; torch-free, so the launcher can use them.
+
+Each is reported as one `error: ...` line and exit code 2 (train_ddp.report_error), never a
+traceback: the message says what is wrong and how to fix it.
+"""
+
+
+class ConfigError(ValueError):
+    """Flag values that cannot work; the message names the flag and what it accepts."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name, missing or mismatched weights)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or resumed; the message names the file and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot usefully go on (e.g. the loss keeps being NaN); the message says why."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)

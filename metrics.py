@@ -1,0 +1,89 @@
+"""What the loop measures: the running sums of a training epoch, and exact distributed evaluation.
+
+Both stay on the device while batches go by (adding to them never waits for the GPU); the host
+reads them at joint checks, log points and the end of an epoch.
+"""
+import torch
+import torch.nn.functional as F
+
+from dataset import normalize
+from distributed import all_reduce_sum
+
+
+class EpochSums:
+    """One rank's running training sums of the epoch in progress, as named 0-dim views of one
+    float64 tensor on the device: one all-reduce sums them, one copy saves them mid-epoch."""
+
+    FIELDS = ("loss", "correct", "seen", "skipped_images", "nonfinite_steps", "nonfinite_streak",
+              "learning_rate")
+    SUMMED = FIELDS[:4]  # over ranks; the non-finite counters and the learning rate agree already
+
+    def __init__(self, device, saved=None):
+        self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        if isinstance(saved, dict):
+            self.values.copy_(torch.tensor([saved[name] for name in self.FIELDS], dtype=torch.float64))
+        elif saved is not None:  # checkpoints before named sums: the first six fields, in order
+            self.values[:len(saved)] = saved.to(device)
+        for position, name in enumerate(self.FIELDS):
+            setattr(self, name, self.values[position])
+
+    def add_batch(self, loss, logits, labels, skipped):
+        self.loss += loss.detach().double() * labels.numel()
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.seen += labels.numel()
+        self.skipped_images += skipped
+
+    def add_update(self, nonfinite, learning_rate):
+        """After an optimizer step: count a skipped non-finite step and the streak of them."""
+        self.nonfinite_steps += nonfinite
+        self.nonfinite_streak.add_(1).mul_(nonfinite)
+        self.learning_rate.fill_(learning_rate)
+
+    def to_saved(self):
+        """Plain floats by name, for a mid-epoch checkpoint (a host sync: only when saving)."""
+        return dict(zip(self.FIELDS, self.values.tolist()))
+
+    def epoch_totals(self, seen_before, seconds):
+        """The epoch's metrics over all ranks; throughput counts only the samples this process
+        run trained (`seen_before` were trained before a resume)."""
+        seen_timed = self.seen - seen_before
+        totals = all_reduce_sum(torch.stack([getattr(self, name) for name in self.SUMMED] + [seen_timed]))
+        loss, correct, seen, skipped, seen_timed = totals.tolist()
+        return dict(train_loss=loss / seen, train_acc=100 * correct / seen, learning_rate=self.learning_rate.item(),
+                    samples_per_second=seen_timed / seconds, skipped_images=int(skipped),
+                    nonfinite_steps=int(self.nonfinite_steps.item()))
+
+
+def to_model_input(images, device, memory_format):
+    """uint8 batch -> normalised float on the device, channels-last if asked (the model is too)."""
+    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+
+
+@torch.no_grad()
+def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None):
+    """Exact global loss and accuracy. Each rank fills its own samples' slots of dataset-sized
+    vectors (its shard is distributed.validation_shard); the all-reduce adds zeros elsewhere,
+    so every rank ends with the same per-sample values a one-process run computes, summed in the
+    same order. Runs on the unwrapped model on every rank: no collective inside the forward.
+    Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are left out of
+    both sums and the count."""
+    model.eval()
+    max_batches = max_batches or args.limit_val_batches or len(loader)
+    losses = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
+    hits = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
+    evaluated = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
+    for batch_index, (images, labels, indices, _) in enumerate(loader):
+        if batch_index == max_batches:
+            break
+        images = to_model_input(images, ctx.device, training.memory_format)
+        labels = labels.to(ctx.device, non_blocking=True)
+        indices = indices.to(ctx.device, non_blocking=True)
+        with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
+            logits = model(images)
+        losses[indices] = F.cross_entropy(logits.float(), labels, reduction="none").double()
+        hits[indices] = (logits.argmax(dim=1) == labels).double()
+        evaluated[indices] = 1
+    for tensor in (losses, hits, evaluated):
+        all_reduce_sum(tensor)
+    count = max(evaluated.sum().item(), 1)
+    return losses.sum().item() / count, 100 * hits.sum().item() / count
