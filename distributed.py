@@ -95,6 +95,16 @@ def gather_from_ranks(obj):
     return gathered
 
 
+def broadcast_object(obj, src=0):
+    """Rank `src`'s `obj` on every rank: a decision taken once (e.g. build or reuse a cache), so
+    ranks cannot diverge when the world changes between their looks."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def barrier():
     if is_initialized():
         dist.barrier()
@@ -123,14 +133,26 @@ def main_print(ctx, *args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+class Stopped(BaseException):
+    """A stop signal while the run sets up (scanning data, building the cache, the sanity check):
+    nothing is worth saving yet, so the run ends at once, wherever it is (code that creates
+    files removes them on the way out). A BaseException, so no `except Exception` swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
-    """SIGTERM/SIGINT only record the request here; the loop acts on it at a step boundary,
-    after a joint decision, so every rank saves and exits at the same step."""
+    """SIGTERM/SIGINT. While the run sets up they raise Stopped at once; once training begins
+    (`defer`) they only record the request, and the loop acts on it at its next joint check, so
+    every rank saves and exits at the same step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signal = None
+        self.interrupting = True
         for signum in self.SIGNALS:
             signal.signal(signum, self.record)
         # A job started with these signals blocked (inherited from a wrapper) would never see a
@@ -139,6 +161,12 @@ class StopRequest:
 
     def record(self, signum, _frame):
         self.signal = signum
+        if self.interrupting:
+            raise Stopped(signum)
+
+    def defer(self):
+        """From now on a signal is only recorded, for the loop's joint checks to act on."""
+        self.interrupting = False
 
     @property
     def requested(self):

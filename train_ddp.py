@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoint import (RunState, check_resumable, load_checkpoint, remove_quietly, rng_state, top_k_filename,
                         unwrap, write_checkpoints)
 from config import parse_args
-from distributed import (StopRequest, broadcast_buffers, gather_from_ranks, main_print, setup_distributed,
+from distributed import (Stopped, StopRequest, broadcast_buffers, gather_from_ranks, main_print, setup_distributed,
                          teardown_distributed)
 from errors import USER_ERRORS, ConfigError, TrainingError
 from metrics import EpochSums, evaluate, to_model_input
@@ -37,11 +37,13 @@ def main(argv=None):
     except ConfigError as exc:
         return report_error(exc, rank=int(os.environ.get("RANK", 0)))
     ctx = setup_distributed(args.dist_timeout_minutes)
-    stop = StopRequest()
     try:
-        return train(args, ctx, stop)
+        return train(args, ctx, StopRequest())
     except USER_ERRORS as exc:
         return report_error(exc, ctx.rank)
+    except Stopped as exc:
+        main_print(ctx, f"Stopped by signal {exc.signum} while setting up; nothing was trained or saved.")
+        return 128 + exc.signum
     finally:
         teardown_distributed()
 
@@ -72,6 +74,7 @@ def train(args, ctx, stop):
                  max_batches=args.num_sanity_val_steps)
         main_print(ctx, f"Sanity check: validation ran on up to {args.num_sanity_val_steps} batch(es) per process.")
 
+    stop.defer()  # from here a signal stops the run at a joint check, after a checkpoint
     exit_code = 0
     for epoch in range(state.epoch + 1, args.epochs + 1):
         epoch_start = time.perf_counter()

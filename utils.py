@@ -11,10 +11,15 @@ import sys
 def write_json_atomic(path, data):
     """Write JSON to a temp file beside `path` and rename it in, so readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:  # unserialisable data, a full disk, a stop signal: the old file stays
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def new_history():

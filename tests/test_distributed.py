@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import (DistContext, JointChecks, StopRequest, all_reduce_sum, broadcast_buffers, setup_distributed,
+from distributed import (DistContext, JointChecks, Stopped, StopRequest, all_reduce_sum, broadcast_buffers, setup_distributed,
                          validation_shard)
 from model import TinyCNN
 
@@ -76,7 +76,13 @@ def test_joint_checks_come_at_the_first_step_each_epochs_last_and_about_every_in
     assert checks.run(checks.next_step, stop, nonfinite_streak=4, is_main=True) == (True, 4)
 
 
-def test_a_stop_signal_only_records_the_request_and_ranks_adopt_the_agreed_one(stop):
+def test_a_stop_signal_interrupts_setup_then_only_records_the_request_once_training_defers_it(stop):
+    with pytest.raises(Stopped) as stopped:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler raises here, at once
+    assert stopped.value.signum == signal.SIGINT
+    stop.signal = None
+    stop.defer()
     assert not stop.requested and not stop.agreed(torch.device("cpu"))
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.requested and stop.signal == signal.SIGTERM and stop.agreed(torch.device("cpu"))

@@ -127,29 +127,46 @@ def test_sigterm_to_the_launcher_saves_a_resumable_checkpoint_at_a_step_boundary
 
 def start_with_sigterm_pending(args):
     """Start a job with SIGTERM blocked (as a wrapper may leave it) and send SIGTERM at once: the
-    signal waits, pending, until train_ddp.py installs its handler, so the stop is requested
-    before the first step whatever the machine's speed."""
+    signal waits, pending, until train_ddp.py installs its handler."""
     job = start(args, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
     job.send_signal(signal.SIGTERM)
     return job
 
 
+def test_a_signal_while_setting_up_ends_the_run_at_once_without_files(tiny_data, tmp_path):
+    job = start_with_sigterm_pending(train_cmd(*data_flags(tiny_data, str(tmp_path), model="tiny_cnn")))
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + signal.SIGTERM, output
+    assert "Stopped by signal 15 while setting up; nothing was trained or saved." in output
+    assert "Traceback" not in output
+    assert not os.path.exists(f"{tmp_path}/checkpoints")
+
+
 def test_a_signal_acted_on_at_the_last_step_of_an_epoch_resumes_into_that_epochs_validation(tmp_path):
+    import train_ddp
     from conftest import write_image_folder
+    from distributed import StopRequest, setup_distributed
     data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=8),
                 val_dir=write_image_folder(str(tmp_path / "val"), per_class=3, seed=1))
     # 24 images in one batch: every epoch is one optimizer step, so the first joint check is at
     # the epoch's last step.
-    flags = dict(RUN, epochs=2, batch_size=24, log_every_steps=1000, save_every_steps=0)
-    run_cli(train_cmd(*data_flags(data, f"{tmp_path}/reference", **flags)))
-    command = train_cmd(*data_flags(data, f"{tmp_path}/run", **flags))
-    job = start_with_sigterm_pending(command)
-    output = job.communicate(timeout=120)[0]
-    assert job.returncode == 128 + signal.SIGTERM, output
+    flags = data_flags(data, f"{tmp_path}/run", **dict(RUN, epochs=2, batch_size=24, save_every_steps=0))
+    run_cli(train_cmd(*data_flags(data, f"{tmp_path}/reference", **dict(RUN, epochs=2, batch_size=24,
+                                                                       save_every_steps=0))))
+    # In this process, the request is in place when training begins, exactly as if the signal had
+    # arrived during that one step.
+    previous = {signum: signal.getsignal(signum) for signum in StopRequest.SIGNALS}
+    try:
+        stop = StopRequest()
+        stop.signal = signal.SIGTERM
+        assert train_ddp.train(train_ddp.parse_args(flags), setup_distributed(), stop) == 128 + signal.SIGTERM
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     latest = f"{tmp_path}/run/checkpoints/checkpoint_latest.pth"
     saved = torch.load(latest)
     assert (saved["epoch"], saved["step"]) == (0, 1)  # epoch 1 trained, not yet validated
-    resumed = run_cli(command + ["--auto_resume"])
+    resumed = run_cli(train_cmd(*flags, "--auto_resume"))
     assert "Epoch 1/2 |" in resumed.stdout and "Epoch 2/2 |" in resumed.stdout
     assert_same_run(latest, f"{tmp_path}/reference/checkpoints/checkpoint_latest.pth")
 
