@@ -1,6 +1,7 @@
 """Report helpers shared by the benchmark scripts: command-line flags, machine facts, Markdown
-tables of interleaved measurements (per-round ratios: median and range), bench/results/<name>.md,
-and a subprocess runner that timestamps the child's output as it arrives."""
+tables of interleaved measurements (per-round ratios: median and range), <results_dir>/<name>.md
+(bench/results/ by default), and a subprocess runner that timestamps the child's output as it
+arrives."""
 import argparse
 import datetime
 import json
@@ -17,15 +18,20 @@ import numpy as np
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
 STARTED = time.perf_counter()
 
 
 def parser(doc, repeats):
-    """--quick (tiny sizes, one timed round) and --repeats (timed rounds after one warm-up round)."""
+    """--quick (tiny sizes, one timed round), --repeats (timed rounds after one warm-up round) and
+    --results_dir (where the report goes)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one timed round: checks the script runs")
     p.add_argument("--repeats", type=int, default=None, help=f"timed rounds after the warm-up round (default {repeats}, "
                                                              "1 with --quick)")
+    p.add_argument("--results_dir", default=RESULTS,
+                   help="folder for the Markdown report (default bench/results, the committed reports: "
+                        "point quick checks elsewhere)")
     p.set_defaults(default_repeats=repeats)
     return p
 
@@ -107,17 +113,17 @@ def fmt(value, digits=0):
     return f"{value:,.{digits}f}"
 
 
-def write_report(name, title, body, notes=()):
-    """Print the report and write it to bench/results/<name>.md."""
+def write_report(results_dir, name, title, body, notes=()):
+    """Print the report and write it to <results_dir>/<name>.md."""
     text = f"# {title}\n\n{machine_info()}\n\n{body}\n"
     if notes:
         text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    path = os.path.join(BENCH, "results", f"{name}.md")
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}.md")
     with open(path, "w") as f:
         f.write(text)
     print(text, flush=True)
-    print(f"(written to {os.path.relpath(path, REPO)})", flush=True)
+    print(f"(written to {path})", flush=True)
 
 
 def run_timed(command, patterns=(), stop_when=None, stop_signal=None, env=None, timeout=900):

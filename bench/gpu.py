@@ -1,9 +1,14 @@
-"""ResNet-18 training throughput on a GPU, through the project's own loop (train_one_epoch):
-precision (fp32, AMP fp16, AMP bf16) x channels_last x torch.compile on synthetic data already on
-the GPU (the ceiling), then the real input pipelines on ~500x375 JPEGs: the decoded-image cache
+"""ResNet-18 (--model) training throughput on a GPU, through the project's own run (built by
+training.build_training, trained by train_ddp.train_one_epoch): precision (fp32, AMP fp16, AMP
+bf16) x channels_last x torch.compile on synthetic data already on the GPU (the ceiling), then
+the real input pipelines from training.build_data on ~500x375 JPEGs: the decoded-image cache
 (crops on the GPU) and the file path (PIL workers). Peak GPU memory per configuration.
 
+Without CUDA it runs only with --quick (tiny sizes and model, on the CPU: checks the script) or
+--device cpu.
+
     python bench/gpu.py [--batch_size 256] [--steps 60] [--images 8000] [--quick] [--device cpu] [--pipelines]
+    python bench/gpu.py --compile
 """
 import argparse
 import os
@@ -14,18 +19,15 @@ import time
 
 import torch
 
-from harness import DeviceBatches, project_loop
-from input_pipeline import make_dataset
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import AugmentedImageFolder, build_loaders  # noqa: E402
-from image_cache import CachedBatches, build_or_open  # noqa: E402
-from dataset import EpochTaggedSampler  # noqa: E402
+import harness
+from input_pipeline import photo_data
 
 PRECISIONS = {"fp32": [], "fp16": ["--use_amp", "--amp_dtype", "float16"], "bf16": ["--use_amp", "--amp_dtype", "bfloat16"]}
+QUICK = dict(model="tiny_cnn", batch_size=4, steps=2, images=20, workers=2, image_size=32, repeats=1)
+TABLE_HEAD = "| configuration | images/s | peak GPU memory (GiB) | warm-up s |\n| --- | --- | --- | --- |"
 
 
-def measure(label, make_runner, device, repeats=2):
+def measure(label, make_runner, device, repeats):
     """Best of `repeats` epochs after one warm-up epoch (compile and cuDNN autotuning happen there)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -54,65 +56,95 @@ def loader_only(label, loader, device):
     print(f"| {label} | {count / (time.perf_counter() - began):,.0f} | | |", flush=True)
 
 
-def main():
+def synthetic_configurations(args):
+    """{label: train_ddp flags} of the synthetic-data runs this invocation measures."""
+    configurations = {}
+    for precision, flags in PRECISIONS.items():
+        for channels_last in (False, True):
+            if args.pipelines and (precision, channels_last) != ("fp16", True):
+                continue
+            if args.compile and precision == "fp32":
+                continue  # compile cost is paid for the mixed-precision configurations only
+            label = (f"synthetic, {precision}{', channels_last' if channels_last else ''}"
+                     f"{', compile' if args.compile else ''}")
+            configurations[label] = flags + (["--channels_last"] if channels_last else []) + (
+                ["--compile"] if args.compile else [])
+    return configurations
+
+
+def pipeline_data(args, flags, device, cache):
+    """input_pipeline.photo_data over --images JPEGs in --data: the cache path (cache in
+    --data + "_cache") or the file path. Returns (train_ddp args, Data)."""
+    flags = [*flags, "--model", args.model, "--num_workers", str(args.workers)]
+    flags += ["--cache_images", args.data.rstrip("/") + "_cache"] if cache else []
+    return photo_data(args.data, args.images, args.batch_size, args.image_size, device, flags)
+
+
+def real_pipelines(args, flags, device):
+    """Images/s of the cache and file paths, loader alone and training."""
+    began = time.perf_counter()
+    built = {name: pipeline_data(args, flags, device, cache=name == "cache") for name in ("cache", "files")}
+    print(f"({args.images} JPEGs and their cache ready in {time.perf_counter() - began:.0f} s)\n")
+    print(TABLE_HEAD)
+    rates = {}
+    for name, label in (("cache", f"JPEG cache, crops on {device.type}"),
+                        ("files", f"JPEG files, {args.workers} PIL workers")):
+        run_args, data = built[name]
+        loader_only(f"{label}: loader alone (no model)", data.train_loader, device)
+        rates[name] = measure(label, lambda: harness.project_loop(run_args, data, device), device, args.repeats)
+    return rates
+
+
+def pick_device(args):
+    """--device; without CUDA, the CPU for --quick, else a one-line exit."""
+    if args.device != "cuda" or torch.cuda.is_available():
+        return torch.device(args.device)
+    if args.quick:
+        return torch.device("cpu")
+    sys.exit(f"bench/{os.path.basename(sys.argv[0])} measures a GPU and this machine has no CUDA device "
+             "(--quick checks the script on the CPU; --device cpu measures the CPU)")
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=60, help="steps per epoch on synthetic data")
+    parser.add_argument("--images", type=int, default=8000, help="generated training JPEGs for the real pipelines")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count()))
+    parser.add_argument("--repeats", type=int, default=2, help="epochs measured after the warm-up one (best kept)")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "gpu_bench_photos"))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK}): checks the script runs")
     parser.add_argument("--compile", action="store_true",
                         help="measure only the torch.compile configurations (slow to warm up: run it separately)")
     parser.add_argument("--pipelines", action="store_true",
                         help="only the synthetic ceiling for AMP fp16 + channels_last, then the real pipelines")
     args = parser.parse_args()
     if args.quick:
-        args.batch_size, args.steps, args.images = 8, 3, 64
-    device = torch.device(args.device)
-    size, bs = (224, args.batch_size) if not args.quick else (64, args.batch_size)
+        vars(args).update(QUICK)
+    return args
+
+
+def main():
+    args = parse_args()
+    device, size, bs = pick_device(args), args.image_size, args.batch_size
     torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     print(f"`python bench/gpu.py {' '.join(sys.argv[1:])}` on {name}, torch {torch.__version__}, "
-          f"ResNet-18 {size} px, batch {bs}\n")
-    print("| configuration | images/s | peak GPU memory (GiB) | warm-up s |\n| --- | --- | --- | --- |")
-    rates = {}
-    for precision, flags in PRECISIONS.items():
-        for channels_last in (False, True):
-            for compiled in ((True,) if args.compile else (False,)):
-                if compiled and precision == "fp32":
-                    continue  # compile cost is paid for the mixed-precision configurations only
-                if args.pipelines and (precision, channels_last) != ("fp16", True):
-                    continue
-                extra = flags + (["--channels_last"] if channels_last else []) + (["--compile"] if compiled else [])
-                label = f"synthetic, {precision}{', channels_last' if channels_last else ''}{', compile' if compiled else ''}"
-                rates[label] = measure(label, lambda: project_loop(
-                    "resnet18", None, None, bs, device, flags=extra, image_size=size,
-                    loader=DeviceBatches(bs, size, args.steps, device)), device)
+          f"{args.model} {size} px, batch {bs}\n")
+    print(TABLE_HEAD)
+    configurations, rates = synthetic_configurations(args), {}
+    for label, flags in configurations.items():
+        data = harness.loader_data(harness.DeviceBatches(bs, size, args.steps, device), bs * args.steps)
+        run_args = harness.bench_args(args.model, bs, size, flags)
+        rates[label] = measure(label, lambda: harness.project_loop(run_args, data, device), device, args.repeats)
     if args.compile:
         return
     best_label = max(rates, key=rates.get)
-    best_flags = [f for p, fl in PRECISIONS.items() if p in best_label for f in fl]
-    best_flags += ["--channels_last"] if "channels_last" in best_label else []
     print(f"\nReal pipelines with the best uncompiled setting ({best_label}):\n")
-    print("| configuration | images/s | peak GPU memory (GiB) | warm-up s |\n| --- | --- | --- | --- |")
-    began = time.perf_counter()
-    folder = os.path.join(make_dataset(args.data, args.images), "train")
-    print(f"| (generated {args.images} JPEGs in {time.perf_counter() - began:.0f} s) | | | |")
-    dataset = AugmentedImageFolder(folder, size, train=True)
-    began = time.perf_counter()
-    images, path, _ = build_or_open(dataset, size, args.data.rstrip("/") + "_cache", args.workers, lambda: None)
-    print(f"| (cache: {images.nbytes / 2**30:.2f} GiB, ready in {time.perf_counter() - began:.0f} s) | | | |")
-    sampler = EpochTaggedSampler(dataset, 1, 0, seed=0)
-    cached = CachedBatches(images, dataset.targets, sampler, bs, True, size, device, drop_last=True)
-    loader_only(f"JPEG cache loader alone (no model), crops on {device.type}", cached, device)
-    rates["cache"] = measure(f"JPEG cache, crops on {device.type}", lambda: project_loop(
-        "resnet18", None, None, bs, device, flags=best_flags, image_size=size, loader=cached), device)
-    train_loader, _ = build_loaders(dataset, dataset, bs, args.workers, 0, 1, 0, pin_memory=device.type == "cuda")
-    loader_only(f"JPEG files loader alone (no model), {args.workers} PIL workers", train_loader, device)
-    rates["files"] = measure(f"JPEG files, {args.workers} PIL workers", lambda: project_loop(
-        "resnet18", None, None, bs, device, flags=best_flags, image_size=size, loader=train_loader), device)
+    rates.update(real_pipelines(args, configurations[best_label], device))
     ceiling = rates[best_label]
     print(f"\nRatios to synthetic ({best_label}): cache {rates['cache'] / ceiling:.2f}, files {rates['files'] / ceiling:.2f}")
     if args.pipelines:

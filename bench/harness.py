@@ -1,10 +1,12 @@
-"""Shared pieces of the benchmarks: the project's own training loop (train_ddp.train_one_epoch)
-driven over in-memory uint8 images, and a bare minimal loop on the same data, so the two are
-compared step for step. Run the scripts from the repository root: `python bench/<script>.py`."""
+"""Shared pieces of the benchmarks: the project's own training run, built as train_ddp.py builds
+it (training.build_training) and trained by train_ddp.train_one_epoch, over in-memory uint8
+images or any loader; and a bare minimal loop on the same data, so the two are compared step for
+step. Run the scripts from the repository root: `python bench/<script>.py`."""
+import itertools
 import os
+import signal
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -13,13 +15,14 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from checkpoint import RunState  # noqa: E402
 from config import parse_args  # noqa: E402
-from dataset import EpochTaggedSampler, normalize  # noqa: E402
+from dataset import normalize, train_sampler  # noqa: E402
+from distributed import DistContext  # noqa: E402
 from image_cache import CachedBatches  # noqa: E402
 from model import build_model  # noqa: E402
-from recipe import build_optimizer, build_scheduler  # noqa: E402
-from train_ddp import Training, train_one_epoch  # noqa: E402
-from utils import DistContext, StopRequest  # noqa: E402
+from train_ddp import train_one_epoch  # noqa: E402
+from training import Data, build_training  # noqa: E402
 
 
 def synthetic_images(count, size, classes=10, seed=0):
@@ -28,40 +31,59 @@ def synthetic_images(count, size, classes=10, seed=0):
     return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), rng.integers(0, classes, count)
 
 
-def project_loop(model_name, images, labels, batch_size, device, flags=(), augment=False, classes=10, loader=None,
-                 image_size=None):
-    """A callable running one epoch of the project's loop over `images` (a cached-data loader), or
-    over `loader` when given; returns images/s measured over training steps, as the history's
-    samples_per_second."""
-    size = image_size or images.shape[1]
-    args = parse_args(["--model", model_name, "--batch_size", str(batch_size), "--epochs", "1000",
-                       "--log_every_steps", "1000000", "--image_size", str(size),
-                       "--lr_scheduler", "none", *flags])
-    ctx = DistContext(0, 0, 1, device)
-    torch.manual_seed(0)
-    model = build_model(model_name, classes).to(device, memory_format=memory_format(args))
-    optimizer = build_optimizer(model, args, args.learning_rate)
-    amp_dtype = getattr(torch, args.amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and amp_dtype == torch.float16)
-    if loader is None:
-        sampler = EpochTaggedSampler(range(len(images)), num_replicas=1, rank=0, seed=0)
-        loader = CachedBatches(images, labels, sampler, batch_size, True, size, device, drop_last=True,
-                               augment=augment)
-    train_model = torch.compile(model) if args.compile else model
-    training = Training(train_model, optimizer, build_scheduler(optimizer, args, len(loader)), scaler, None,
-                        amp_dtype, memory_format(args), len(loader), SimpleNamespace(log=lambda *a, **k: None),
-                        StopRequest(), lambda *a, **k: None)
-    epochs = iter(range(1, 10**6))
+def bench_args(model_name, batch_size, image_size, flags=()):
+    """train_ddp's flags for a benchmark run: a constant learning rate (every epoch alike), seed 0
+    (the bare loop's initial weights), one micro-batch per optimizer step, one log point per epoch;
+    `flags` add or override."""
+    return parse_args(["--model", model_name, "--batch_size", str(batch_size), "--image_size", str(image_size),
+                       "--epochs", "1000000", "--log_every_steps", "1000000", "--lr_scheduler", "none",
+                       "--seed", "0", "--gradient_accumulation_steps", "1", *flags])
+
+
+def one_process(device):
+    return DistContext(rank=0, local_rank=0, world_size=1, device=device)
+
+
+def loader_data(loader, train_size, classes=10):
+    """A training.Data around a training loader alone (benchmarks do not validate)."""
+    return Data(loader, None, [f"class_{i}" for i in range(classes)], train_size, 0)
+
+
+def in_memory_data(images, labels, batch_size, device, augment=False, image_size=None, classes=10):
+    """Uint8 images (N, H, W, 3) held in memory, batched by the cache path's loader
+    (image_cache.CachedBatches): random crops to `image_size` with `augment`, else center crops."""
+    sampler = train_sampler(range(len(images)), batch_size, rank=0, world_size=1, seed=0)
+    loader = CachedBatches(images, labels, sampler, batch_size, True, image_size or images.shape[1], device,
+                           drop_last=True, augment=augment)
+    return loader_data(loader, len(images), classes)
+
+
+def project_training(args, data, ctx):
+    """The run train_ddp.py would build for `args`, by its own builder (training.build_training)."""
+    training = build_training(args, ctx, len(data.class_names), len(data.train_loader))
+    # Ctrl-C ends a benchmark at once: undo the run's StopRequest handlers, which would stop at a
+    # step boundary and save a checkpoint.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return training
+
+
+def project_loop(args, data, device):
+    """A callable running one epoch of train_ddp.train_one_epoch over `data` (a training.Data), one
+    process; returns images/s measured over training steps, as the history's samples_per_second."""
+    ctx = one_process(device)
+    training, epochs = project_training(args, data, ctx), itertools.count(1)
 
     def run_epoch():
-        run = dict(step=0, train_partial=None)
-        return train_one_epoch(training, loader, next(epochs), run, args, ctx)["samples_per_second"]
+        return train_one_epoch(training, data, next(epochs), RunState(), args, ctx).epoch_totals()["samples_per_second"]
     return run_epoch
 
 
 class DeviceBatches:
-    """Synthetic data already on the device: `steps` batches cycled from a few resident ones, so
-    the loop's throughput is measured without any input pipeline (the ceiling)."""
+    """Synthetic data already on the device: `steps` batches per epoch cycled from a few resident
+    ones, so the loop's throughput is measured without any input pipeline (the ceiling). Its
+    sampler is the training loaders' own (dataset.train_sampler), which the loop positions. A
+    training loader: wrap it with loader_data."""
 
     def __init__(self, batch_size, image_size, steps, device, classes=10, resident=4):
         generator = torch.Generator(device="cpu").manual_seed(0)
@@ -69,20 +91,16 @@ class DeviceBatches:
                                        generator=generator).to(device),
                          torch.randint(0, classes, (batch_size,), generator=generator).to(device))
                         for _ in range(resident)]
-        self.image_size, self.steps = image_size, steps
-        self.sampler = SimpleNamespace(set_epoch=lambda epoch, start=0: None)
+        self.batch_size = batch_size
+        self.sampler = train_sampler(range(steps * batch_size), batch_size, rank=0, world_size=1, seed=0)
 
     def __len__(self):
-        return self.steps
+        return len(self.sampler) // self.batch_size
 
     def __iter__(self):
-        for step in range(self.steps):
+        for step in range(len(self)):
             images, labels = self.batches[step % len(self.batches)]
             yield images, labels, None, 0
-
-
-def memory_format(args):
-    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def bare_loop(model_name, images, labels, batch_size, device, classes=10):
@@ -111,13 +129,13 @@ def bare_loop(model_name, images, labels, batch_size, device, classes=10):
     return run_epoch
 
 
-def interleave(runners, repeats):
+def interleave(runners, repeats, warmup=True):
     """Call each runner once per round, round after round, so machine noise hits all alike.
-    Returns {name: [images/s per round]}; the first round is a warm-up and is dropped."""
-    results = {name: [] for name in runners}
-    for round_index in range(repeats + 1):
+    Returns {name: [images/s per round]}; a first warm-up round is run and dropped with `warmup`."""
+    results, warmup_rounds = {name: [] for name in runners}, 1 if warmup else 0
+    for round_index in range(warmup_rounds + repeats):
         for name, run in runners.items():
             value = run()
-            if round_index:
+            if round_index >= warmup_rounds:
                 results[name].append(value)
     return results

@@ -7,19 +7,21 @@ ImageFolder (a temporary folder, or --data DIR, reused when already complete), t
 - (a) baseline: torchvision ImageFolder + Compose([RandomResizedCrop, RandomHorizontalFlip,
   ToTensor, Normalize]) through a DataLoader (persistent workers);
 - (b) project, file path: dataset.AugmentedImageFolder(train=True) (JPEG draft-mode decode, uint8)
-  through dataset.build_loaders' train loader (EpochTaggedSampler), normalised in the main process
+  through dataset.build_loaders' train loader (dataset.train_sampler), normalised in the main process
   with dataset.normalize, so every path ends with the same normalised float batch;
 - (c) the same with fast_decode=False (full-size decode): isolates the draft-mode gain;
-- (d) project, cache path: image_cache.build_or_open (one-time build, reported separately) +
-  image_cache.CachedBatches in the main process (its crops run batched), normalised likewise.
+- (d) project, cache path: the train loader training.build_data makes with --cache_images
+  (image_cache.CachedBatches over the cache it builds once, reported separately) in the main
+  process (its crops run batched), normalised likewise.
 
 (a)-(c) run at num_workers 1 and 2; (d) runs in the main process and is compared with both.
 Ratios are to the baseline at the same worker count, per round, then median and range.
 
-    python bench/input_pipeline.py [--quick] [--data DIR] [--count N] [--repeats N]
+    python bench/input_pipeline.py [--quick] [--data DIR] [--count N] [--repeats N] [--results_dir DIR]
     python bench/input_pipeline.py --profile   # milliseconds per image of each stage, one thread
 """
 import glob
+import itertools
 import os
 import random
 import shutil
@@ -36,10 +38,12 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms import functional as TF
 
 import common
-import harness  # noqa: F401  (puts the repository on sys.path)
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, EpochTaggedSampler, build_loaders, normalize,
-                     random_resized_crop_box)
-from image_cache import CachedBatches, build_or_open
+import harness
+from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, random_resized_crop_box
+from training import build_data
+
+IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
+VAL_PHOTOS = 10  # one per class: the validation folder training.build_data needs
 
 
 def photo(path, seed, size=(500, 375)):
@@ -83,11 +87,23 @@ def make_dataset(root, train_count, val_count=0, classes=10, size=(500, 375)):
             folder = os.path.join(root, split, f"class_{i % classes:02d}")
             os.makedirs(folder, exist_ok=True)
             jobs.append((os.path.join(folder, f"{i:06d}.jpg"), i + (10**6 if split == "val" else 0), size))
-    # spawn, not fork: a fork after torch has started its thread pools can deadlock the children.
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
-        pool.starmap(photo, jobs)
+    if len(jobs) <= IN_PROCESS_PHOTOS:  # each spawned worker re-imports the calling script, torch included
+        list(itertools.starmap(photo, jobs))
+    else:  # spawn, not fork: a fork after torch has started its thread pools can deadlock the children.
+        with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+            pool.starmap(photo, jobs)
     open(marker, "w").close()
     return root
+
+
+def photo_data(data_dir, images, batch_size, image_size, device, flags=()):
+    """training.build_data over `images` generated training photos in data_dir (and VAL_PHOTOS
+    validation ones), train_ddp `flags` added (--cache_images DIR: the cache path). Returns
+    (the train_ddp args, the Data)."""
+    root = make_dataset(data_dir, images, VAL_PHOTOS)
+    args = harness.bench_args("resnet18", batch_size, image_size,
+                              ["--train_dir", f"{root}/train", "--val_dir", f"{root}/val", *flags])
+    return args, build_data(args, harness.one_process(device))
 
 
 def folder_stats(folder):
@@ -111,7 +127,8 @@ def runner(loader, to_model_input):
     return lambda: timed_pass(loader, next(epochs), to_model_input)
 
 
-def measure(train_dir, image_size, batch, rounds, cache_dir):
+def measure(root, count, image_size, batch, rounds, cache_dir):
+    train_dir = os.path.join(root, "train")
     baseline_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                       transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     baseline_set = datasets.ImageFolder(train_dir, transform=baseline_tf)
@@ -127,11 +144,11 @@ def measure(train_dir, image_size, batch, rounds, cache_dir):
             runners[f"{label}, {workers}w"] = runner(loader, normalize)
         groups[workers] = [name for name in runners if name.endswith(f"{workers}w")]
     began = time.perf_counter()
-    pixels, path, _ = build_or_open(fast_set, image_size, cache_dir, num_workers=2, barrier=lambda: None)
+    _, data = photo_data(root, count, batch, image_size, torch.device("cpu"),
+                         ["--cache_images", cache_dir, "--num_workers", "2"])
+    pixels = data.train_loader.images
     build = dict(seconds=time.perf_counter() - began, mib=pixels.nbytes / 2**20, shape=pixels.shape)
-    sampler = EpochTaggedSampler(fast_set, num_replicas=1, rank=0, seed=0)
-    cached = CachedBatches(pixels, fast_set.targets, sampler, batch, True, image_size, torch.device("cpu"), True)
-    runners["(d) project cache"] = runner(cached, normalize)
+    runners["(d) project cache"] = runner(data.train_loader, normalize)
     results = harness.interleave(runners, rounds)
     rows = []
     for workers, names in groups.items():
@@ -211,20 +228,20 @@ def main():
     try:
         root = args.data or os.path.join(scratch, "data")
         began = time.perf_counter()
-        make_dataset(root, count)
+        make_dataset(root, count, VAL_PHOTOS)
         files, mean_bytes = folder_stats(os.path.join(root, "train"))
         made = time.perf_counter() - began
         if args.profile:
             body = common.table(["image size", "stage", "ms per image"],
                                 profile_stages(os.path.join(root, "train"), min(files, 200)))
-            common.write_report("input_pipeline_profile", "Input pipeline: per-image cost of each stage", body, [
+            title = "Input pipeline: per-image cost of each stage"
+            common.write_report(args.results_dir, "input_pipeline_profile", title, body, [
                 f"Data: {min(files, 200)} of {files} generated JPEGs, mean {mean_bytes / 1024:.0f} KiB; one thread "
                 "(torch.set_num_threads(1)), in this process, no DataLoader."])
             return
         rows, builds = [], []
         for image_size in (224, 64):
-            size_rows, build = measure(os.path.join(root, "train"), image_size, batch, rounds,
-                                       os.path.join(scratch, "cache"))
+            size_rows, build = measure(root, count, image_size, batch, rounds, os.path.join(scratch, "cache"))
             rows += size_rows
             builds.append([image_size, "x".join(map(str, build["shape"])), f"{build['mib']:.1f}",
                            f"{build['seconds']:.2f}", common.fmt(files / build["seconds"])])
@@ -232,9 +249,11 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
     body = (common.table(["image size", "group", "path", "workers", "images/s (median)",
                           "ratio to baseline, same group (median)", "ratio range"], rows)
-            + "\n\nOne-time cache build (image_cache.build_or_open, 2 decode workers):\n\n"
+            + "\n\nOne-time cache build (training.build_data with --cache_images: the training cache and the "
+              f"{VAL_PHOTOS}-image validation one, 2 decode workers; images/s counts training images):\n\n"
             + common.table(["image size", "cache shape", "size (MiB)", "build time (s)", "images/s"], builds))
-    common.write_report("input_pipeline", "Input pipeline: batches from JPEG files and from the image cache", body, [
+    title = "Input pipeline: batches from JPEG files and from the image cache"
+    common.write_report(args.results_dir, "input_pipeline", title, body, [
         f"Data: {files} JPEGs, mean {mean_bytes / 1024:.0f} KiB ({'reused ' + root if args.data else 'generated'}"
         f" in {made:.1f} s), 10 classes; batch {batch}, drop_last, shuffled; one pass = {files // batch * batch} images.",
         f"{rounds} timed round(s) after 1 warm-up round; all paths interleaved within a round; persistent workers, "

@@ -1,90 +1,126 @@
-"""Where the cache path's time goes on a GPU (ResNet-18, 224 px, AMP fp16, channels_last, batch 256).
+"""Where the cache path's time goes on a GPU (ResNet-18, 224 px, AMP fp16, channels_last, batch
+256): the project's run (harness.project_loop) over training.build_data's cache loader
+(gpu.pipeline_data: the same generated JPEGs and cache as bench/gpu.py).
 
     python3 bench/profile_cache_gpu.py kernels   # torch.profiler: GPU time per kernel over one epoch
-    python3 bench/profile_cache_gpu.py crop      # GPU time of the batch crop alone, per batch
+    python3 bench/profile_cache_gpu.py crop      # time of the batch crop alone, per batch
     python3 bench/profile_cache_gpu.py sweep     # training rate by reader threads, and without augmentation
     py-spy record --threads --idle --format raw -o profile.txt -- python3 bench/profile_cache_gpu.py epochs
+    python3 bench/profile_cache_gpu.py --quick kernels crop sweep epochs   # tiny sizes: checks the script
+
+Without CUDA it runs only with --quick or --device cpu (on the CPU, where the profiler reports CPU time).
 """
+import argparse
 import os
-import sys
 import tempfile
+import time
 
 import torch
 
-from harness import DeviceBatches, project_loop
-from input_pipeline import make_dataset
+import harness
+import image_cache
+from gpu import pick_device, pipeline_data
+from image_cache import crop_and_flip
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import image_cache  # noqa: E402
-from dataset import AugmentedImageFolder, EpochTaggedSampler  # noqa: E402
-from image_cache import CachedBatches, build_or_open, crop_and_flip  # noqa: E402
-
-CUDA = torch.device("cuda")
 FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
+FULL = dict(model="resnet18", images=8000, image_size=224, batch_size=256, workers=16, epochs=4, best_of=3)
+QUICK = dict(model="tiny_cnn", images=20, image_size=32, batch_size=4, workers=2, epochs=2, best_of=1)
 
 
-def cached_loader():
-    data = os.path.join(tempfile.gettempdir(), "gpu_bench_photos")
-    folder = os.path.join(make_dataset(data, 8000), "train")
-    dataset = AugmentedImageFolder(folder, 224, train=True)
-    images, _, _ = build_or_open(dataset, 224, data + "_cache", 16, lambda: None)
-    return CachedBatches(images, dataset.targets, EpochTaggedSampler(dataset, 1, 0, seed=0), 256, True, 224,
-                         CUDA, drop_last=True)
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def kernels(loader):
-    """GPU time by kernel over one epoch after a warm-up epoch: how much of it the crop takes."""
-    run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=loader, flags=FLAGS)
+def kernels(run_args, data, settings, device):
+    """Device time by kernel over one epoch after a warm-up epoch: how much of it the crop takes."""
+    run = harness.project_loop(run_args, data, device)
     run()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profile:
         rate = run()
-        torch.cuda.synchronize()
+        synchronize(device)
     print(f"epoch under the profiler: {rate:,.0f} images/s")
-    print(profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(profile.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=25,
+                                       max_name_column_width=70))
 
 
-def crop(loader):
-    """The crop's own GPU time per batch (stored pixels already on the GPU), by CUDA events."""
-    keys = list(iter(loader.sampler))
-    pixels, _, _, boxes, flips = loader.read_batch(keys[:256])
-    pixels, boxes, flips = pixels.to(CUDA), boxes.to(CUDA), flips.to(CUDA)
-    pinned = loader.read_batch(keys[:256])[0]
-    for name, fn in [("copy to GPU (pinned, 256 x 256 x 256 x 3 uint8)", lambda: pinned.to(CUDA, non_blocking=True)),
-                     ("crop_and_flip, 256 crops to 224 x 224", lambda: crop_and_flip(pixels, boxes, flips, 224))]:
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"{name}: {start.elapsed_time(end) / 20:.2f} ms per batch")
+def seconds_per_call(fn, device, calls=20):
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
 
 
-def sweep(loader):
+def crop(run_args, data, settings, device):
+    """The crop's own time per batch (stored pixels already on the device), and the copy before it."""
+    loader = data.train_loader
+    keys = list(iter(loader.sampler))[:loader.batch_size]
+    indices = torch.tensor([index for _, index in keys])
+    boxes, flips = loader.draw_crops([epoch for epoch, _ in keys], indices)
+    stored = loader.pixels[indices]
+    host = stored.pin_memory() if device.type == "cuda" else stored
+    pixels, boxes, flips = stored.to(device), boxes.to(device), flips.to(device)
+    shape, size = " x ".join(map(str, stored.shape)), loader.image_size
+    for name, fn in [(f"copy to {device.type} ({shape} uint8)", lambda: host.to(device, non_blocking=True, copy=True)),
+                     (f"crop_and_flip, {len(indices)} crops to {size} x {size}",
+                      lambda: crop_and_flip(pixels, boxes, flips, size))]:
+        print(f"{name}: {seconds_per_call(fn, device) * 1000:.2f} ms per batch")
+
+
+def sweep(run_args, data, settings, device):
     """Images/s: synthetic, then the cache path with 2, 4 and 8 reader threads, then without
-    augmentation (center crops: no box drawing, no resize), each best of 3 epochs after a warm-up."""
-    def rate(label, data):
-        run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=data, flags=FLAGS)
+    augmentation (center crops: no box drawing, no resize), each best of a few epochs after a warm-up."""
+    def rate(label, rate_data):
+        run = harness.project_loop(run_args, rate_data, device)
         run()
-        print(f"{label}: {max(run() for _ in range(3)):,.0f} images/s", flush=True)
+        print(f"{label}: {max(run() for _ in range(settings.best_of)):,.0f} images/s", flush=True)
 
-    rate("synthetic", DeviceBatches(256, 224, 31, CUDA))
+    batch, steps = settings.batch_size, len(data.train_loader)
+    rate("synthetic", harness.loader_data(harness.DeviceBatches(batch, settings.image_size, steps, device),
+                                          batch * steps))
+    default_threads = image_cache.READER_THREADS
     for threads in (2, 4, 8):
         image_cache.READER_THREADS = threads
-        rate(f"cache, {threads} reader threads", loader)
-    image_cache.READER_THREADS = 4
-    loader.augment = False
-    rate("cache, 4 reader threads, no augmentation", loader)
+        rate(f"cache, {threads} reader threads", data)
+    image_cache.READER_THREADS = default_threads
+    data.train_loader.augment = False
+    rate(f"cache, {default_threads} reader threads, no augmentation", data)
+    data.train_loader.augment = True
 
 
-def epochs(loader):
-    run = project_loop("resnet18", None, None, 256, CUDA, image_size=224, loader=loader, flags=FLAGS)
-    for epoch in range(4):
+def epochs(run_args, data, settings, device):
+    run = harness.project_loop(run_args, data, device)
+    for epoch in range(settings.epochs):
         print(f"epoch {epoch}: {run():,.0f} images/s", flush=True)
 
 
-if __name__ == "__main__":
+MODES = {"kernels": kernels, "crop": crop, "sweep": sweep, "epochs": epochs}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modes", nargs="*", metavar="MODE",
+                        help=f"what to measure, in order: {', '.join(MODES)} (default epochs)")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK}): checks the script runs")
+    parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "gpu_bench_photos"))
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    args.modes = args.modes or ["epochs"]
+    if set(args.modes) - set(MODES):
+        parser.error(f"unknown mode(s) {sorted(set(args.modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    vars(args).update(QUICK if args.quick else FULL)
+    device = pick_device(args)
     torch.backends.cudnn.benchmark = True
-    {"kernels": kernels, "crop": crop, "sweep": sweep, "epochs": epochs}[sys.argv[1] if len(sys.argv) > 1 else "epochs"](cached_loader())
+    run_args, data = pipeline_data(args, FLAGS, device, cache=True)
+    for mode in args.modes:
+        print(f"== {mode}", flush=True)
+        MODES[mode](run_args, data, args, device)
+
+
+if __name__ == "__main__":
+    main()

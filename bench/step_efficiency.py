@@ -4,18 +4,20 @@ All loops train on the same in-memory uint8 images (harness.synthetic_images) wi
 (model.build_model), AdamW(lr=1e-3, fused=True) and the same normalisation (dataset.normalize):
 
 - bare: harness.bare_loop, index + normalise + forward + backward + step (the 1.0 reference);
-- project: harness.project_loop, i.e. train_ddp.train_one_epoch over image_cache.CachedBatches;
+- project: harness.project_loop, i.e. the run train_ddp.py builds (training.build_training) trained
+  by train_ddp.train_one_epoch over image_cache.CachedBatches;
 - project --channels_last: the same with the --channels_last flag;
 - lightning: a LightningModule fed by a DataLoader over a TensorDataset of the same uint8 tensors
   (permuted to NCHW), batch_size, shuffle, num_workers=0; a new Trainer per epoch, built outside
   the timing; images/s over on_train_epoch_start..on_train_epoch_end (a Callback). The row
   "lightning, whole fit()" times the trainer.fit call instead (its per-run setup included).
 
-Workloads: ResNet-18 at 32 px, batch 64; tiny_cnn (model.TinyCNN) at 32 px, batch 64.
+Workloads: ResNet-18 at 32 px, batch 64; tiny_cnn (model.TinyCNN) at 32 px, batch 64 (--quick:
+batch 16, two steps per epoch).
 Every round runs each loop for one epoch, interleaved; the first round is a warm-up.
 
     pip install -r bench/requirements.txt
-    python bench/step_efficiency.py [--quick] [--repeats N]
+    python bench/step_efficiency.py [--quick] [--repeats N] [--results_dir DIR]
 """
 import logging
 import time
@@ -29,7 +31,8 @@ import harness
 from dataset import normalize
 from model import build_model
 
-WORKLOADS = [("resnet18", 32, 64, 1280, 128), ("tiny_cnn", 32, 64, 6400, 640)]  # model, px, batch, images, quick
+WORKLOADS = [("resnet18", 32, 64, 1280), ("tiny_cnn", 32, 64, 6400)]  # model, px, batch, images per epoch
+QUICK_BATCH, QUICK_IMAGES = 16, 32  # --quick: two steps per epoch
 
 
 def lightning_loop(model_name, images, labels, batch_size):
@@ -88,10 +91,13 @@ def measure(model_name, size, batch, count, rounds):
         whole_fit.append(fit_rate)
         return epoch_rate
 
+    def project(*flags):
+        return harness.project_loop(harness.bench_args(model_name, batch, size, flags),
+                                    harness.in_memory_data(images, labels, batch, cpu), cpu)
+
     runners = {"bare": harness.bare_loop(model_name, images, labels, batch, cpu),
-               "project": harness.project_loop(model_name, images, labels, batch, cpu),
-               "project --channels_last": harness.project_loop(model_name, images, labels, batch, cpu,
-                                                               flags=("--channels_last",)),
+               "project": project(),
+               "project --channels_last": project("--channels_last"),
                "lightning": lightning_epoch}
     results = harness.interleave(runners, rounds)
     results["lightning, whole fit()"] = whole_fit[1:]  # the warm-up round dropped, as interleave does
@@ -110,12 +116,13 @@ def main():
     warnings.filterwarnings("ignore", message=".*(does not have many workers|GPU available but not used).*")
     rounds = common.repeats(args)
     rows, sizes = [], []
-    for model_name, size, batch, count, quick_count in WORKLOADS:
-        count = quick_count if args.quick else count
+    for model_name, size, batch, count in WORKLOADS:
+        batch, count = (QUICK_BATCH, QUICK_IMAGES) if args.quick else (batch, count)
         sizes.append(f"{model_name}: {count} images ({count // batch} steps) per epoch")
         rows += measure(model_name, size, batch, count, rounds)
     body = common.table(["workload", "loop", "images/s (median)", "ratio to bare (median)", "ratio range"], rows)
-    common.write_report("step_efficiency", "Step efficiency: project loop vs bare loop vs Lightning", body, notes=[
+    title = "Step efficiency: project loop vs bare loop vs Lightning"
+    common.write_report(args.results_dir, "step_efficiency", title, body, notes=[
         f"{rounds} timed round(s) after 1 warm-up round, loops interleaved within each round; ratios are "
         "per round (same round, side by side), then median and min..max.",
         "Epoch sizes: " + "; ".join(sizes) + ". One process, CPU, float32.",
