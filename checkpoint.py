@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from errors import CheckpointError
+from recipe import load_scheduler_state
 from utils import append_history, new_history
 
 SCHEMA = {
@@ -21,6 +22,9 @@ SCHEMA = {
     "scheduler_state_dict": "the learning-rate schedule's state",
     "epoch": "epochs completed",
     "step": "optimizer steps done in the next epoch (non-zero in a mid-epoch checkpoint)",
+    "samples_done": "positions of the next epoch's global sample sequence trained so far (sampling.py)",
+    "epoch_samples": "that epoch's planned length in samples (0 until it starts)",
+    "global_batch": "samples per optimizer step: per-process batch x processes x accumulation",
     "best_acc": "best validation accuracy so far (%)",
     "best_metric": "best value of --monitor_metric so far (None before the first epoch ends)",
     "best_epoch": "the epoch of best_metric",
@@ -58,12 +62,28 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(directory)
     except OSError as exc:  # disk full, permission denied, file too large: the old file stays
         remove_quietly(tmp)
         raise save_failed(path, exc) from None
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+def fsync_directory(directory):
+    """Make a rename in `directory` durable: after a power loss the name points at the new file,
+    not at nothing. Some file systems cannot sync a directory; the rename still happened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def copy_checkpoint(source, path):
@@ -77,6 +97,7 @@ def copy_checkpoint(source, path):
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, path)
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
     except OSError as exc:
         remove_quietly(tmp)
         raise save_failed(path, exc) from None
@@ -172,6 +193,9 @@ class RunState:
     """
     epoch: int = 0
     step: int = 0
+    samples_done: int = 0
+    epoch_samples: int = 0
+    global_batch: int = 0
     best_acc: float = 0.0
     best_metric: float | None = None
     best_epoch: int = 0
@@ -197,20 +221,30 @@ class RunState:
         return checkpoint
 
     @classmethod
-    def restore(cls, checkpoint, training, rank):
+    def restore(cls, checkpoint, training, rank, reset=()):
         """Load a checkpoint into a built run (weights, optimizer, scaler, schedule, EMA, this
-        rank's RNG) and return its state. Checkpoints of older versions lack some keys: defaults."""
+        rank's RNG) and return its state. `reset` names the parts that start afresh instead
+        ("optimizer", "lr_schedule", "best"; resume.py decides). A schedule keeps this run's
+        horizon (recipe.load_scheduler_state). Older checkpoints lack some keys: defaults."""
         unwrap(training.model).load_state_dict(checkpoint["model_state_dict"])
-        training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
-        training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        if "optimizer" not in reset:
+            training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        if "lr_schedule" not in reset:
+            load_scheduler_state(training.scheduler, checkpoint["scheduler_state_dict"])
+            for group, rate in zip(training.optimizer.param_groups, training.scheduler.get_last_lr()):
+                group["lr"] = rate  # the schedule's rate, also for a fresh optimizer
+        if checkpoint["scaler_state_dict"] or not training.scaler.is_enabled():  # empty: AMP was off
+            training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
         if training.ema is not None and "ema_state_dict" in checkpoint:
             training.ema.module.load_state_dict(checkpoint["ema_state_dict"])
             training.ema.n_averaged.fill_(checkpoint["ema_num_averaged"])
         if checkpoint.get("rng"):
             restore_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         defaults = cls()
-        return cls(**{f.name: checkpoint.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
+        state = cls(**{f.name: checkpoint.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
+        if "best" in reset:
+            state.best_metric, state.best_epoch, state.stale_epochs, state.top_k = None, 0, 0, []
+        return state
 
     def end_epoch(self, record, monitored, args):
         """Record a finished epoch and take the epoch-level decisions: best checkpoint, early-stopping
@@ -220,7 +254,7 @@ class RunState:
         append_history(self.history, record)
         is_best = is_improvement(monitored, self.best_metric, args.monitor_metric)
         improved = is_improvement(monitored, self.best_metric, args.monitor_metric, args.early_stopping_min_delta)
-        self.epoch, self.step = epoch, 0
+        self.epoch, self.step, self.samples_done, self.epoch_samples = epoch, 0, 0, 0
         self.best_acc = max(self.best_acc, record["val_acc"])
         self.stale_epochs = 0 if improved else self.stale_epochs + 1
         if is_best:

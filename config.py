@@ -5,9 +5,16 @@ Torch-free, so launch_ddp.py can refuse bad flags and data folders in a fraction
 import argparse
 import json
 import os
+import stat
 import tempfile
+from collections import deque
 
 from errors import ConfigError, DataError
+
+# The smallest --image_size of models a dry forward pass would otherwise judge only on the ranks
+# (model.check_image_size, which tests/test_model.py holds this table to), so that launch_ddp.py
+# can refuse a size without importing torch. Models not listed take 1 px or are checked on the ranks.
+SMALLEST_IMAGE_SIZE = dict(tiny_cnn=2, alexnet=63, googlenet=15, vgg11=32, vgg13=32, vgg16=32, vgg19=32)
 
 DEMO_DIR = "data/digits"
 # The demo recipe: 8x8 digit scans upscaled to 32 px; no flips (a mirrored digit is another shape).
@@ -21,11 +28,21 @@ def class_folders(root, role):
         raise DataError(f"{role} folder not found: {root} (pass --{role}_dir PATH, or --demo)")
     if not os.path.isdir(root):
         raise DataError(f"{role} folder is not a directory: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and followed_is_dir(e, role))
     if not classes:
         raise DataError(f"{role} folder {root} has no class sub-folders; expected "
                         f"{root}/<class_name>/<image files>")
     return classes
+
+
+def followed_is_dir(entry, role):
+    """Whether a folder entry is a directory, following links; a link that cannot be followed (one
+    pointing at itself) is refused: it might be a class, and leaving a class out would shift labels."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise DataError(f"{role} folder entry {entry.path} cannot be followed ({exc.strerror}); "
+                        "fix or remove it") from None
 
 
 def check_data_folders(train_dir, val_dir):
@@ -38,6 +55,68 @@ def check_data_folders(train_dir, val_dir):
         raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
                         f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
     return train_classes
+
+
+def find_files(folder, extensions):
+    """The files under `folder` whose lower-cased names end in one of `extensions`, in the order of
+    torchvision's ImageFolder (sorted os.walk(followlinks=True)), and warnings about what was left out.
+
+    Links are followed, but no directory is walked twice: a link back into the tree (a loop) or a
+    second way into one directory is skipped with a warning. Real sub-folders are walked before
+    any link, so the warning names the link. Hidden files and folders (.ipynb_checkpoints, macOS's
+    ._photo.jpg) are skipped silently, as data_split.py does; a matching name that is not a regular
+    file (a FIFO named x.png would block its reader forever) with a warning.
+    Returns (paths, warnings)."""
+    extensions = tuple(extensions)
+    names_in, warnings = {}, []  # directory path -> the matching file names in it
+    walked = {}  # (st_dev, st_ino) of each directory walked -> the path it was walked as
+    real_dirs, linked_dirs = [folder], deque()
+    while real_dirs or linked_dirs:
+        path = real_dirs.pop() if real_dirs else linked_dirs.popleft()
+        try:
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) in walked:
+                warnings.append(f"skipping {path}: it leads to {walked[info.st_dev, info.st_ino]}, which is "
+                                "already included (a link loop, or a second link to one folder)")
+                continue
+            walked[info.st_dev, info.st_ino] = path
+            with os.scandir(path) as scan:  # sorted: which of two links is skipped must not depend on the disk
+                entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
+            names_in[path] = [entry.name for entry in entries
+                              if keep_entry(entry, extensions, real_dirs, linked_dirs, warnings)]
+        except OSError as exc:  # unreadable, a link that cannot be followed, or gone meanwhile
+            warnings.append(f"skipping {path}: {exc.strerror}")
+    paths = [os.path.join(d, name) for d in sorted(names_in) for name in sorted(names_in[d])]
+    return paths, warnings
+
+
+def keep_entry(entry, extensions, real_dirs, linked_dirs, warnings):
+    """find_files' look at one entry: queues a directory, says whether to keep a file."""
+    try:
+        is_dir = entry.is_dir()
+    except OSError as exc:  # a link to itself
+        warnings.append(f"skipping {entry.path}: {exc.strerror}")
+        return False
+    if is_dir:
+        (linked_dirs if entry.is_symlink() else real_dirs).append(entry.path)
+        return False
+    if not entry.name.lower().endswith(extensions):
+        return False
+    if entry.is_file():
+        return True
+    warnings.append(f"skipping {entry.path}: {not_a_file(entry.path)}")
+    return False
+
+
+def not_a_file(path):
+    """What a path with an image name is instead of a regular file, for a warning."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"a link that cannot be followed ({exc.strerror})"
+    kinds = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device")]
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), "something") + ", not a regular file"
 
 
 def build_parser():
@@ -106,8 +185,9 @@ def add_optimisation_flags(optim):
     optim.add_argument("--lr_step_epochs", type=int, default=30, help="step schedule: decay every N epochs")
     optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor")
     optim.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, in optimizer steps")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="micro-batches per optimizer step; the gradient all-reduce runs on the last only")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                       help="micro-batches per optimizer step; the gradient all-reduce runs on the last only "
+                            "(default 1; on resume, whatever keeps the checkpoint's global batch)")
     optim.add_argument("--max_grad_norm", type=float, default=0.0,
                        help="clip the gradient norm to this value; 0 disables clipping (the norm is always reported)")
     optim.add_argument("--seed", type=int, default=42, help="seed for weights, data order and augmentation")
@@ -139,6 +219,9 @@ def add_debugging_flags(debug):
                        help="train and validate on the same N batches (fixed images, no augmentation)")
     debug.add_argument("--limit_train_batches", type=int, default=0, help="at most N training batches per epoch (0: all)")
     debug.add_argument("--limit_val_batches", type=int, default=0, help="at most N validation batches per process (0: all)")
+    debug.add_argument("--trace_samples", action="store_true",
+                       help="record which dataset indices each rank trains at every optimizer step, in "
+                            "log_dir/sample_trace/rank<R>.jsonl (resumed runs append)")
     debug.add_argument("--num_sanity_val_steps", type=int, default=2,
                        help="validation batches run before training, so a broken validation fails in seconds (0: off)")
 
@@ -159,6 +242,14 @@ def add_output_flags(output):
                         help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here")
     output.add_argument("--log_dir", default="logs", help="training_history.json goes here")
     output.add_argument("--resume", default=None, metavar="PATH", help="continue training from this checkpoint")
+    output.add_argument("--reset_optimizer", action="store_true",
+                        help="on resume, start the optimizer's state afresh (needed to change --optimizer)")
+    output.add_argument("--reset_lr_schedule", action="store_true",
+                        help="on resume, start a new learning-rate schedule over the remaining epochs (needed to "
+                             "change --lr_scheduler, --warmup_steps, --learning_rate, --scale_lr or the step decay)")
+    output.add_argument("--reset_best", action="store_true",
+                        help="on resume, forget the best value, top-k and early-stopping count (needed to change "
+                             "--monitor_metric)")
     output.add_argument("--auto_resume", action="store_true",
                         help="resume from checkpoint_dir/checkpoint_latest.pth when it exists (set by the "
                              "launcher when --max_restarts > 0, so torchrun restarts continue the run)")
@@ -237,13 +328,15 @@ def validate_args(args):
     positive = ["epochs", "batch_size", "image_size", "gradient_accumulation_steps", "log_every_steps",
                 "max_nonfinite_steps"]
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     limits = dict(batch_size=65536, epochs=1_000_000, image_size=4096, gradient_accumulation_steps=65536,
                   num_workers=256)
     for name, limit in limits.items():
-        if getattr(args, name) > limit:
+        if getattr(args, name) is not None and getattr(args, name) > limit:
             raise ConfigError(f"--{name} {getattr(args, name)} is beyond any sensible value (at most {limit})")
+    if args.image_size < SMALLEST_IMAGE_SIZE.get(args.model, 1):
+        raise ConfigError(image_size_too_small(args.model, args.image_size, SMALLEST_IMAGE_SIZE[args.model]))
     if args.num_workers < 0:
         raise ConfigError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if not 0 < args.learning_rate <= 10:
@@ -267,6 +360,11 @@ def validate_args(args):
         raise ConfigError(f"--hflip_prob must be in [0, 1], got {args.hflip_prob}")
     for name in ("checkpoint_dir", "log_dir"):
         check_writable_dir(getattr(args, name), name)
+
+
+def image_size_too_small(model, image_size, smallest):
+    return (f"--image_size {image_size} is too small for {model}: its smallest input is {smallest} px; "
+            f"use --image_size {smallest} or more")
 
 
 def check_writable_dir(path, flag):

@@ -3,18 +3,25 @@
     python data_split.py --input_dir raw --output_dir data \
         --train_ratio 0.8 --val_ratio 0.2 --image_extensions png,jpg,jpeg
 
-Input:  raw/<class>/<images...>   (sub-folders inside a class are searched too)
+Input:  raw/<class>/<images...>   (sub-folders inside a class are searched too, as training
+        searches them: links followed but no folder twice, hidden files and FIFOs skipped)
 Output: data/train/<class>/..., data/val/<class>/..., data/test/<class>/...
         (test only when --test_ratio > 0). The split is stratified per class and
-        deterministic for a given --seed.
+        deterministic for a given --seed; every class gets a train image, and a val
+        image when --val_ratio > 0 (a class of one image is then refused). The output
+        is written beside --output_dir and moved into place when complete.
 """
 import argparse
 import hashlib
 import os
 import random
 import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
+
+from config import find_files
 
 RATIO_TOLERANCE = 1e-6
 
@@ -52,6 +59,8 @@ def split_files(files_by_class, train_ratio, val_ratio, test_ratio, seed):
 
     Returns {"train": {cls: [files]}, "val": {...}} plus "test" when
     test_ratio > 0. Every input file lands in exactly one split; lists are sorted.
+    Every class keeps at least one training image, and one val image when it has
+    two or more and val_ratio > 0 (training needs every class in both).
     """
     problem = ratio_error(train_ratio, val_ratio, test_ratio)
     if problem:
@@ -66,8 +75,8 @@ def split_files(files_by_class, train_ratio, val_ratio, test_ratio, seed):
         n_val = round_half_up(n * val_ratio)
         if n >= 2 and val_ratio > 0 and n_val == 0:
             n_val = 1  # every class should be represented in validation
-        n_val = min(n_val, n)
-        n_test = min(round_half_up(n * test_ratio), n - n_val)
+        n_val = min(n_val, max(n - 1, 0))  # and in training
+        n_test = min(round_half_up(n * test_ratio), max(n - n_val - 1, 0))
         chunks = {"val": files[:n_val], "test": files[n_val:n_val + n_test],
                   "train": files[n_val + n_test:]}
         for name in split_names:
@@ -81,18 +90,15 @@ def parse_extensions(text):
 
 
 def find_images(input_dir, extensions):
-    """Map class name -> sorted image paths relative to the class folder."""
-    files_by_class = {}
+    """Map class name -> sorted image paths relative to the class folder, searched as training
+    searches its class folders (config.find_files); and the warnings about what was skipped."""
+    files_by_class, warnings = {}, []
     for class_dir in sorted(p for p in input_dir.iterdir()
                             if p.is_dir() and not p.name.startswith(".")):
-        found = []
-        for root, dirs, names in os.walk(class_dir):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in names:
-                if not name.startswith(".") and Path(name).suffix.lower() in extensions:
-                    found.append((Path(root) / name).relative_to(class_dir).as_posix())
-        files_by_class[class_dir.name] = sorted(found)
-    return files_by_class
+        paths, skipped = find_files(str(class_dir), extensions)
+        files_by_class[class_dir.name] = sorted(Path(p).relative_to(class_dir).as_posix() for p in paths)
+        warnings += skipped
+    return files_by_class, warnings
 
 
 def check_output_dir(input_dir, output_dir):
@@ -138,6 +144,72 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def classes_without_val(splits, val_ratio):
+    """A message naming the classes that get no val image (those of one image: split_files keeps
+    it for training), or None. train_ddp.py refuses a val/ that lacks a class of train/, so such an
+    output would be written only to fail later: it is refused before anything is written."""
+    lonely = [c for c, files in splits["val"].items() if not files] if val_ratio > 0 else []
+    if not lonely:
+        return None
+    names = ", ".join(f"'{c}'" for c in lonely[:5]) + (f" and {len(lonely) - 5} more" if len(lonely) > 5 else "")
+    which = f"class {names} has 1 image" if len(lonely) == 1 else f"classes {names} have 1 image each"
+    return (f"{which}: 1 train and 0 val images; train_ddp.py needs every class in both train/ and val/, so "
+            "add images, remove the class folder, or pass --val_ratio 0")
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM while writing: raised so the partial output is removed on the way out."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop(signum, _frame):
+    raise Stopped(signum)
+
+
+def write_splits(splits, input_dir, output_dir, mode):
+    """Copy (or link) every split into a hidden folder beside output_dir, then move the finished
+    split folders into place: a failure or a stop signal leaves nothing behind, so a rerun is not
+    refused. Split folders that exist are empty (check_output_dir), so os.replace may take their place."""
+    created = outermost_missing(output_dir)  # made here, so removed again on failure
+    moved, staging = [], None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-partial-", dir=output_dir.parent))
+        for split, by_class in splits.items():
+            (staging / split).mkdir()
+            for class_name, files in by_class.items():
+                for rel in files:
+                    src, dst = input_dir / class_name / rel, staging / split / class_name / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if mode == "symlink":
+                        os.symlink(src, dst)
+                    else:
+                        shutil.copy2(src, dst)
+        for split in splits:
+            os.replace(staging / split, output_dir / split)
+            moved.append(split)
+    except BaseException:
+        for split in moved:
+            os.replace(output_dir / split, staging / split)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def outermost_missing(path):
+    """The outermost folder of `path` that does not exist yet; None when `path` exists."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -159,7 +231,9 @@ def main(argv=None):
     problem = check_output_dir(input_dir, output_dir)
     if problem:
         return fail(problem)
-    files_by_class = find_images(input_dir, extensions)
+    files_by_class, skipped = find_images(input_dir, extensions)
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     if not files_by_class:
         return fail(f"--input_dir {args.input_dir} has no class sub-folders")
     if not any(files_by_class.values()):
@@ -173,28 +247,20 @@ def main(argv=None):
     files_by_class = {c: f for c, f in files_by_class.items() if f}
     splits = split_files(files_by_class, args.train_ratio, args.val_ratio,
                          args.test_ratio, args.seed)
-    if args.val_ratio > 0:
-        for class_name, files in splits["val"].items():
-            if not files:
-                print(f"warning: class '{class_name}' has {len(files_by_class[class_name])} "
-                      "image(s) and gets no val images; val/ will lack this class folder, "
-                      "so ImageFolder class indices in val/ would differ from train/",
-                      file=sys.stderr)
+    problem = classes_without_val(splits, args.val_ratio)
+    if problem:
+        return fail(problem)
 
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
-        for split, by_class in splits.items():
-            for class_name, files in by_class.items():
-                for rel in files:
-                    src = input_dir / class_name / rel
-                    dst = output_dir / split / class_name / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    if args.mode == "symlink":
-                        os.symlink(src, dst)
-                    else:
-                        shutil.copy2(src, dst)
+        write_splits(splits, input_dir, output_dir, args.mode)
     except OSError as exc:
-        print(f"error: failed while writing {output_dir}: {exc}", file=sys.stderr)
+        print(f"error: failed while writing {output_dir}: {exc}; nothing was written", file=sys.stderr)
         return 1
+    except Stopped as exc:
+        print(f"stopped by signal {exc.signum}; nothing was written", file=sys.stderr)
+        return 128 + exc.signum
 
     verb = "linked" if args.mode == "symlink" else "copied"
     print(f"{verb} files into {output_dir} (seed {args.seed})")

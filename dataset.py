@@ -19,18 +19,24 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Subset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from config import check_data_folders, class_folders
+from config import check_data_folders, class_folders, find_files
 from distributed import validation_shard
 from errors import DataError
+from sampling import GlobalOrderSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_RESIZE_FRACTION = 0.875  # resize to size/0.875, then center-crop: the torchvision recipe
+# Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
+# the central band that any center crop keeps is resized: memory grows with the resized image, and
+# a 97-byte 1 x 6000 px PNG would take 1.5 GB (a 1 x 600,000 px one ~118 GB).
+BAND_ASPECT = 8
 
 
 def sample_seed(seed, epoch, index):
@@ -73,12 +79,39 @@ def eval_resize_size(image_size):
 
 def open_resized(path, short_side, fast_decode=True):
     """Decode an image (at a reduced JPEG scale when that is still large enough) and resize its
-    shorter side to `short_side`: the first step of the evaluation transform."""
+    shorter side to `short_side`: the first step of the evaluation transform (see resize_shorter_side)."""
     with Image.open(path) as header:
         width, height = header.size
     short = min(width, height)
     min_size = (width * short_side / short, height * short_side / short) if fast_decode else None
-    return TF.resize(open_rgb(path, min_size), short_side, interpolation=InterpolationMode.BILINEAR)
+    return resize_shorter_side(open_rgb(path, min_size), short_side)
+
+
+def resize_shorter_side(image, short_side):
+    """torchvision's resize of the shorter side to `short_side` (bilinear, antialiased).
+
+    Beyond BAND_ASPECT the long side keeps only its central short_side to short_side + 3 pixels,
+    trimmed by one even number at both ends: every center crop of at most short_side (load_eval's,
+    the image cache's window) then lands where it did on the whole image, on pixels within one
+    level of it (PIL's box resize rounds its coefficients a little differently)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    resized_long = int(short_side * long / short)  # torchvision's rounding
+    if resized_long <= BAND_ASPECT * short_side:
+        return TF.resize(image, short_side, interpolation=InterpolationMode.BILINEAR)
+    trim = 2 * ((resized_long - short_side) // 4)
+    scale = long / resized_long  # source pixels per resized pixel
+    start, end = trim * scale, (resized_long - trim) * scale
+    # Whole source pixels around the band (the filter's reach and one more) are cut out first: PIL
+    # takes the box in float32, too coarse for the position of a band far along a long axis.
+    margin = max(scale, 1.0) + 1
+    first, last = max(0, math.floor(start - margin)), min(long, math.ceil(end + margin))
+    kept = resized_long - 2 * trim
+    if width > height:
+        cut, box, size = (first, 0, last, height), (start - first, 0, end - first, height), (kept, short_side)
+    else:
+        cut, box, size = (0, first, width, last), (0, start - first, width, end - first), (short_side, kept)
+    return image.crop(cut).resize(size, Image.BILINEAR, box=box)
 
 
 def load_eval(path, image_size, fast_decode=True):
@@ -142,6 +175,24 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         classes = class_folders(directory, "train" if self.train else "val")
         return classes, {name: label for label, name in enumerate(classes)}
 
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """ImageFolder's (path, label) list in its order (ImageFolder's arguments; its extensions
+        are IMG_EXTENSIONS), walked by config.find_files: no link loops, hidden files or FIFOs.
+        Warnings go out once, from the first process."""
+        samples, warnings, empty = [], [], []
+        for name in sorted(class_to_idx):
+            paths, skipped = find_files(os.path.join(directory, name), IMG_EXTENSIONS)
+            samples += [(path, class_to_idx[name]) for path in paths]
+            warnings += skipped
+            empty += [] if paths else [name]
+        if os.environ.get("RANK", "0") == "0":
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if empty:
+            raise DataError(f"no image files in the class folder(s) {', '.join(empty[:5])} of {directory} "
+                            f"(supported extensions: {', '.join(IMG_EXTENSIONS)})")
+        return samples
+
     def __getitem__(self, key):
         """(image, label, index); None for an unreadable file when skip_bad_images is set."""
         epoch, index = key if self.train else (None, key)
@@ -171,39 +222,13 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
                             full_size=(width, height))
 
 
-class EpochTaggedSampler(DistributedSampler):
-    """DistributedSampler yielding (epoch, index), so a worker knows which epoch it augments for.
-
-    `set_epoch(epoch, start=k)` skips this rank's first k samples of the epoch (mid-epoch resume)
-    without loading them.
-    """
-
-    def __init__(self, dataset, num_replicas, rank, seed):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0
-
-    def set_epoch(self, epoch, start=0):
-        super().set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        return ((self.epoch, i) for i in indices)
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
 def build_datasets(args, world_size=1):
+    """The train and val sets and the class names."""
     class_names = check_data_folders(args.train_dir, args.val_dir)
-    try:
-        train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
-                                         min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
-                                         skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation)
-        val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False,
-                                       skip_bad_images=args.skip_bad_images)
-    except FileNotFoundError as exc:  # ImageFolder: a class folder with no image files
-        raise DataError(f"{exc} (supported extensions: {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})") from None
+    train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
+                                     min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
+                                     skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation)
+    val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False, skip_bad_images=args.skip_bad_images)
     if args.overfit_batches:
         train_set, val_set = overfit_subset(train_set, args.overfit_batches * args.batch_size * world_size, args.seed)
     return train_set, val_set, class_names
@@ -238,25 +263,21 @@ def leave_process_group(_worker_id):
 
 
 def train_sampler(train_set, batch_size, rank, world_size, seed):
-    """This rank's epoch-tagged training sampler; refuses a shard smaller than one batch (with
-    drop_last it would train on nothing)."""
-    sampler = EpochTaggedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed)
-    if sampler.num_samples < batch_size:
-        raise DataError(f"the training set has {len(train_set)} images, {sampler.num_samples} per "
-                        f"process: fewer than --batch_size {batch_size}; lower --batch_size")
-    return sampler
+    """This rank's share of each epoch's global sample sequence (sampling.py); refuses a training
+    set smaller than one batch on every rank."""
+    return GlobalOrderSampler(len(train_set), batch_size, rank, world_size, seed)
 
 
 def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
-    """Train loader over a DistributedSampler; val loader over this rank's unpadded shard."""
+    """Train loader over the global-order sampler; val loader over this rank's unpadded shard."""
     sampler = train_sampler(train_set, batch_size, rank, world_size, seed)
     # Own generators: creating a loader iterator then draws nothing from the global torch RNG,
     # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0, collate_fn=collate_readable,
                   worker_init_fn=leave_process_group if num_workers > 0 else None)
-    # drop_last: a last batch of one sample would break batch norm at small spatial sizes.
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
+    # The sampler yields whole batches (only a resumed epoch on another layout may end short).
+    train_loader = DataLoader(train_set, sampler=sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     val_loader = DataLoader(Subset(val_set, validation_shard(len(val_set), rank, world_size)), shuffle=False,
                             generator=torch.Generator().manual_seed(seed), **common)
@@ -288,19 +309,26 @@ def prepare_digits_demo(root, val_fraction=0.2):
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".digits-", dir=parent)
+    try:
+        write_digits(digits, staging, val_fraction)
+        os.rename(staging, root)
+    except OSError as exc:
+        if not os.path.isdir(os.path.join(root, "val")):  # else another process finished first
+            raise DataError(f"cannot write the digits demo to {root} ({exc.strerror or exc})") from None
+    finally:  # gone once renamed; after a failure or a stop signal (distributed.Stopped) nothing is left
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(root, "train"), os.path.join(root, "val")
+
+
+def write_digits(digits, root, val_fraction):
     rng = np.random.RandomState(0)
     for label in range(10):
         indices = np.flatnonzero(digits.target == label)
         rng.shuffle(indices)
         n_val = int(round(len(indices) * val_fraction))
         for split, chosen in (("val", indices[:n_val]), ("train", indices[n_val:])):
-            folder = os.path.join(staging, split, str(label))
+            folder = os.path.join(root, split, str(label))
             os.makedirs(folder)
             for i in chosen:
                 pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
-    try:
-        os.rename(staging, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return os.path.join(root, "train"), os.path.join(root, "val")

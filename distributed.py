@@ -3,6 +3,7 @@
 Run without torchrun there is one process and no process group; every helper then does the
 one-process thing, so the loop has no `if distributed` branches beyond DDP's `no_sync`.
 """
+import json
 import os
 import signal
 import time
@@ -125,6 +126,28 @@ def validation_shard(num_items, rank, world_size):
     """This rank's unpadded share of an evaluation set: items rank, rank + world, ... Every item is
     evaluated exactly once across ranks (DistributedSampler would pad with duplicates)."""
     return list(range(rank, num_items, world_size))
+
+
+# What a collective raises when another process of the job went away (gloo, NCCL).
+PEER_LOSS_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "remote process exited", "NCCL communicator was aborted")
+
+
+def is_peer_loss(exc):
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in PEER_LOSS_MARKERS)
+
+
+def report_to_torchrun(message, consequence=False):
+    """Write this rank's one-line error where torchrun's failure summary reads it (its error file),
+    so the summary shows the message. torchrun names the failure with the earliest timestamp (in
+    whole seconds, ties to the lowest rank) as the root cause: a rank that failed only because
+    another went away stamps its file a second later, so it is never taken for the cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = str(int(time.time()) + (1 if consequence else 0))
+    with open(path, "w") as f:
+        json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": stamp}}}, f)
 
 
 def main_print(ctx, *args, **kwargs):

@@ -5,15 +5,13 @@ Each image is stored resized (shorter side) and center-cropped to S x S, S = ima
 exactly the evaluation transform's intermediate, so evaluation from the cache equals evaluation
 from the files. Training crops are drawn with the same per-sample generator (seed, epoch, index)
 and the same crop rule as the file path, in that S x S frame, so a resumed run stays bit-exact.
-The file name carries a hash of the file list, sizes and modification times: change the folder
-and the cache is rebuilt; every later run and every rank reuses it.
+The file name carries a hash of the file list and each file's size, times and inode: change the
+folder and the cache is rebuilt; every later run and every rank reuses it. cache_file.py has the
+file's format, its lock and its safe publication; build_or_open here decides who builds.
 """
-import hashlib
 import math
 import os
 import random
-import shutil
-import socket
 import time
 import warnings
 from collections import deque
@@ -22,90 +20,120 @@ from itertools import islice
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from dataset import UNREADABLE, open_resized, random_resized_crop_box, resized_crop, sample_seed, train_sampler
-from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
 import distributed
+from cache_file import NodeLeader, SliceDecoder, Team, describe_cache, open_verified, storage_size
+from dataset import random_resized_crop_box, resized_crop, sample_seed, train_sampler
 from errors import DataError
 
 
 READER_THREADS = min(4, os.cpu_count() or 1)
 
 
-def cache_path(dataset, size, cache_dir):
-    """A name that changes whenever the file list, a file's size or mtime, or the size changes."""
-    digest = hashlib.sha256(f"{os.path.abspath(dataset.root)}|{size}".encode())
-    for path, label in dataset.samples:
-        stat = os.stat(path)
-        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    name = os.path.basename(os.path.normpath(dataset.root))
-    return os.path.join(cache_dir, f"{name}-{size}px-{digest.hexdigest()[:16]}.u8")
-
-
-class DecodeForCache(Dataset):
-    """Decode one image to the stored S x S form (the eval transform's resize + center crop)."""
-
-    def __init__(self, samples, image_size):
-        self.samples, self.image_size, self.size = samples, image_size, storage_size(image_size)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path = self.samples[index][0]
-        try:
-            image = open_resized(path, self.size)
-        except UNREADABLE as exc:
-            raise DataError(f"cannot read image {path} ({exc}) while building the image cache; fix or "
-                            "remove it, or train without --cache_images") from None
-        # The S x S window whose center crop is exactly the eval transform's center crop (the
-        # offsets round separately, so a plain center crop of S could sit one pixel off).
-        top, left = (window_start(extent, self.size, self.image_size) for extent in (image.height, image.width))
-        return index, np.array(TF.crop(image, top, left, self.size, self.size))
-
-
-def window_start(extent, window, final):
-    direct = int(round((extent - final) / 2.0))  # torchvision center_crop's offset
-    inner = int(round((window - final) / 2.0))
-    return min(max(direct - inner, 0), extent - window)
-
-
-def build_or_open(dataset, image_size, cache_dir, num_workers, barrier, local_rank=0, local_world=1):
-    """The cached (N, S, S, 3) uint8 array, built once if missing. All processes of a node fill
-    disjoint slices of one temporary file, created by local rank 0 and renamed into place when
-    complete, so a killed build never leaves a half-written cache. `barrier` synchronises ranks.
+def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team()):
+    """The cached (N, S, S, 3) uint8 array, built once if missing. A collective: every rank of the
+    job calls it. Rank 0 decides for all whether to build; rank 0's node builds while the other
+    nodes wait; a node that then cannot see the file (a node-local cache directory) builds its own.
     Returns (images, path, built): built is False when an existing cache was reused."""
-    size = storage_size(image_size)
-    path = cache_path(dataset, size, cache_dir)
-    shape = (len(dataset), size, size, 3)
-    built = not os.path.exists(path)
-    if built:
-        building = f"{path}.building-{socket.gethostname()}"
-        if local_rank == 0:
-            os.makedirs(cache_dir, exist_ok=True)
-            needed = int(np.prod(shape))
-            free = shutil.disk_usage(cache_dir).free
-            if free < needed * 1.05:
-                raise DataError(f"the image cache needs {needed / 2**30:.2f} GiB but {cache_dir} has "
-                                f"{free / 2**30:.2f} GiB free; free space or pass another --cache_images DIR")
-            with open(building, "wb") as f:
-                f.truncate(needed)  # sparse until written
-        barrier()
-        images = np.memmap(building, dtype=np.uint8, mode="r+", shape=shape)
-        mine = list(range(local_rank, len(dataset), local_world))
-        decoder = DataLoader(DecodeForCache([dataset.samples[i] for i in mine], image_size), batch_size=None,
-                             num_workers=num_workers, generator=torch.Generator())
-        for position, pixels in decoder:
-            images[mine[position]] = pixels
-        images.flush()
-        del images
-        barrier()
-        if local_rank == 0:
-            os.replace(building, path)
-        barrier()
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=shape), path, built
+    def look():
+        usable_directory(cache_dir)
+        spec = describe_cache(dataset, storage_size(image_size), cache_dir)
+        return spec, team.node, open_verified(spec) is None
+    spec, first_node, missing = rank_0_decides(look, team)
+    built = missing and build_on_nodes(spec, dataset, image_size, num_workers, team, team.node == first_node)
+    images, unseen = open_everywhere(spec, team)
+    if unseen:
+        if team.node in unseen and team.local_rank == 0:
+            print(f"Image cache {spec.path}: node {team.node} cannot see the copy node {first_node} built (a "
+                  "node-local --cache_images directory?); building its own", flush=True)
+        build_on_nodes(spec, dataset, image_size, num_workers, team, team.node in unseen)
+        images, unseen = open_everywhere(spec, team)
+        if unseen:
+            raise DataError(f"the image cache {spec.path} is missing on node(s) {unseen} right after being built "
+                            "there; is something deleting files in --cache_images?")
+    return images, spec.path, built
+
+
+def usable_directory(cache_dir):
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise DataError(f"--cache_images {cache_dir}: cannot make the image cache directory ({reason}); pass a "
+                        "directory you can write to") from None
+
+
+def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
+    """A collective: the nodes where `building` is set build the cache (each its own copy, under its
+    own lock; their processes decode disjoint slices); the others wait. Returns whether this
+    process's node built it (False: another job published it first). Nothing it created is left
+    behind on any way out: an error, distributed.Stopped, KeyboardInterrupt."""
+    leader = NodeLeader(spec) if building and team.local_rank == 0 else None
+    try:
+        in_rounds(leader.claim if leader else None)
+        created = leader.temp if leader and leader.building else None
+        if created:
+            print(f"Image cache {spec.path}: decoding {spec.count} images on node {team.node} with "
+                  f"{team.local_world} process(es)", flush=True)
+        # This node's temporary file, from its leader (None: not building, or another job's cache turned up).
+        temp = next((name for node, name in gather_or_raise((team.node, created)) if node == team.node and name), None)
+        decoder = SliceDecoder(temp, spec, dataset, image_size, num_workers, team) if temp else None
+        in_rounds(decoder.step if decoder else None)
+        in_rounds(leader.publish if leader and leader.building else None)
+    finally:
+        if leader:
+            leader.close()
+    return temp is not None
+
+
+def open_everywhere(spec, team):
+    """Every rank opens and verifies the published cache: (this rank's images or None, the nodes
+    where some rank could not find it)."""
+    images, error = attempt(lambda: open_verified(spec))
+    reports = gather_or_raise((team.node, images is None), error)
+    return images, sorted({node for node, missing in reports if missing})
+
+
+def rank_0_decides(decide, team):
+    """decide() run on rank 0 alone and its result shared, so ranks cannot diverge when another job
+    publishes a cache between their looks; a DataError there is raised on every rank."""
+    result, error = attempt(decide) if team.rank == 0 else (None, None)
+    result, error = distributed.broadcast_object((result, error))
+    if error:
+        raise DataError(error)
+    return result
+
+
+def in_rounds(step):
+    """Call `step` (None: nothing to do here) once a round until it has returned True on every rank.
+    Each round ends in one small all-gather, so a waiting rank never sits in one collective for a
+    whole build (past the process group's timeout), and a DataError on any rank is raised on
+    every rank with the same one-line message."""
+    done = step is None
+    while True:
+        error = None
+        if not done:
+            done, error = attempt(step)
+        if all(gather_or_raise(done, error)):
+            return
+
+
+def gather_or_raise(value, error=None):
+    """Every rank's `value`; when any rank reports an error message, a DataError on every rank."""
+    reports = distributed.gather_from_ranks((value, error))
+    errors = [error for _, error in reports if error]
+    if errors:
+        raise DataError(errors[0])
+    return [value for value, _ in reports]
+
+
+def attempt(action):
+    """(action(), None), or (None, its DataError's message)."""
+    try:
+        return action(), None
+    except DataError as exc:
+        return None, str(exc)
 
 
 class CachedBatches:
@@ -263,19 +291,18 @@ def crop_and_flip(pixels, boxes, flips, size):
 
 def build_cached_loaders(train_set, val_set, args, ctx):
     """Train and val loaders over the image cache in args.cache_images (built on first use)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    team = Team.of(ctx)
     opened = []
     for dataset in (train_set, val_set):
         began = time.perf_counter()
-        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers,
-                                            distributed.barrier, ctx.local_rank, local_world)
+        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, team)
         if ctx.is_main:
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
         opened.append(images)
     sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
     train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,
-                                 ctx.device, drop_last=True, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
+                                 ctx.device, drop_last=False, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
                                  hflip_prob=args.hflip_prob, augment=train_set.augment)
     val_shard = distributed.validation_shard(len(val_set), ctx.rank, ctx.world_size)
     val_loader = CachedBatches(opened[1], val_set.targets, val_shard, args.batch_size, False, args.image_size,

@@ -3,11 +3,13 @@
 Both stay on the device while batches go by (adding to them never waits for the GPU); the host
 reads them at joint checks, log points and the end of an epoch.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 from dataset import normalize
-from distributed import all_reduce_sum
+from distributed import JointChecks, all_reduce_sum
 
 
 class EpochSums:
@@ -20,12 +22,27 @@ class EpochSums:
 
     def __init__(self, device, saved=None):
         self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
-        if isinstance(saved, dict):
-            self.values.copy_(torch.tensor([saved[name] for name in self.FIELDS], dtype=torch.float64))
-        elif saved is not None:  # checkpoints before named sums: the first six fields, in order
-            self.values[:len(saved)] = saved.to(device)
+        if saved is not None:
+            self.values.copy_(torch.tensor([saved.get(name, 0.0) for name in self.FIELDS], dtype=torch.float64))
         for position, name in enumerate(self.FIELDS):
             setattr(self, name, self.values[position])
+        self.seen_before, self.seconds = 0.0, 0.0  # set by the loop: what this process trained, and how long
+
+    @classmethod
+    def resume(cls, device, partials, rank, world_size):
+        """This rank's sums at the start of an epoch: zero, or its share of a mid-epoch checkpoint's
+        (every rank's, in rank order). On another number of processes rank 0 takes all of them
+        (the totals are all-reduced sums either way); the other fields agree across ranks."""
+        if not partials:
+            return cls(device)
+        # Checkpoints before named sums hold six-slot tensors: the first six fields, in order.
+        partials = [p if isinstance(p, dict) else dict(zip(cls.FIELDS, p.tolist())) for p in partials]
+        if len(partials) == world_size:
+            return cls(device, partials[rank])
+        carried = dict(partials[0])
+        for name in cls.SUMMED:
+            carried[name] = sum(partial[name] for partial in partials) if rank == 0 else 0.0
+        return cls(device, carried)
 
     def add_batch(self, loss, logits, labels, skipped):
         self.loss += loss.detach().double() * labels.numel()
@@ -43,14 +60,14 @@ class EpochSums:
         """Plain floats by name, for a mid-epoch checkpoint (a host sync: only when saving)."""
         return dict(zip(self.FIELDS, self.values.tolist()))
 
-    def epoch_totals(self, seen_before, seconds):
+    def epoch_totals(self):
         """The epoch's metrics over all ranks; throughput counts only the samples this process
-        run trained (`seen_before` were trained before a resume)."""
-        seen_timed = self.seen - seen_before
+        trained, over `seconds` (`seen_before` were trained before a resume)."""
+        seen_timed = self.seen - self.seen_before
         totals = all_reduce_sum(torch.stack([getattr(self, name) for name in self.SUMMED] + [seen_timed]))
         loss, correct, seen, skipped, seen_timed = totals.tolist()
         return dict(train_loss=loss / seen, train_acc=100 * correct / seen, learning_rate=self.learning_rate.item(),
-                    samples_per_second=seen_timed / seconds, skipped_images=int(skipped),
+                    samples_per_second=seen_timed / max(self.seconds, 1e-9), skipped_images=int(skipped),
                     nonfinite_steps=int(self.nonfinite_steps.item()))
 
 
@@ -60,21 +77,29 @@ def to_model_input(images, device, memory_format):
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None):
+def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None, stop=None):
     """Exact global loss and accuracy. Each rank fills its own samples' slots of dataset-sized
     vectors (its shard is distributed.validation_shard); the all-reduce adds zeros elsewhere,
     so every rank ends with the same per-sample values a one-process run computes, summed in the
     same order. Runs on the unwrapped model on every rank: no collective inside the forward.
     Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are left out of
-    both sums and the count."""
+    both sums and the count.
+
+    With `stop` (a StopRequest), the ranks check jointly about every 0.25 s whether to stop, at
+    batches every rank reaches (shards differ by one image at most); None when they stop."""
     model.eval()
     max_batches = max_batches or args.limit_val_batches or len(loader)
+    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / args.batch_size))
+    checks = JointChecks(ctx.device) if stop is not None else None
     losses = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
     hits = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
     evaluated = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
     for batch_index, (images, labels, indices, _) in enumerate(loader):
         if batch_index == max_batches:
             break
+        if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
+            if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
+                return None
         images = to_model_input(images, ctx.device, training.memory_format)
         labels = labels.to(ctx.device, non_blocking=True)
         indices = indices.to(ctx.device, non_blocking=True)

@@ -4,6 +4,7 @@
 key names (`conv1.weight`, ..., `fc.weight`) and the seeds' loading snippet works verbatim.
 """
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from checkpoint import first_line, strip_wrapper_prefixes
+from config import image_size_too_small
 from errors import ModelError
 
 # The file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads into torch.hub's cache.
@@ -123,3 +125,50 @@ def build_model(name, num_classes, pretrained_weights=None):
     if pretrained_weights:
         load_backbone_weights(model, load_weights_file(pretrained_weights), pretrained_weights)
     return model
+
+
+# The size torchvision's classifiers are built for: a model that fails here too is not judged.
+REFERENCE_IMAGE_SIZE = 224
+
+
+def check_image_size(name, image_size):
+    """Refuse an --image_size the model cannot take, naming the smallest one it can, before any
+    data work. A dry forward pass on the meta device: shapes only, no memory and no compute, so it
+    costs a fraction of a second. A model that cannot run on the meta device is not checked."""
+    with warnings.catch_warnings():  # the model's own construction warnings come with the real build
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                model = build_model(name, num_classes=2).train()
+        except ModelError:  # an unknown name: refused now, before any data work
+            raise
+        except Exception:  # e.g. RegNet's construction copies data out of a tensor
+            return
+    error = forward_error(model, image_size)
+    if error is None or forward_error(model, REFERENCE_IMAGE_SIZE) is not None:
+        return
+    if image_size < REFERENCE_IMAGE_SIZE:
+        raise ModelError(image_size_too_small(name, image_size, smallest_fitting_size(model, image_size)))
+    raise ModelError(f"--image_size {image_size} does not fit {name}: {error}")
+
+
+def forward_error(model, image_size):
+    """None when a training batch of image_size x image_size images passes the model, else its error."""
+    try:
+        model(torch.empty(2, 3, image_size, image_size, device="meta"))
+    except Exception as exc:
+        return first_line(exc)
+    return None
+
+
+def smallest_fitting_size(model, failing):
+    """Bisect between a size the model fails on and the reference size it takes: the smallest size
+    it takes, for the models whose smallest input is a threshold (all of torchvision's CNNs)."""
+    fitting = REFERENCE_IMAGE_SIZE
+    while fitting - failing > 1:
+        middle = (failing + fitting) // 2
+        if forward_error(model, middle) is None:
+            fitting = middle
+        else:
+            failing = middle
+    return fitting

@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
 from checkpoint import first_line, load_checkpoint, strip_wrapper_prefixes
+from config import find_files
 from dataset import load_eval, normalize
 from errors import CheckpointError, ModelError
 from model import build_model
@@ -66,14 +67,19 @@ def parse_args(argv):
 
 
 def find_images(inputs):
-    """Files as given (any extension: the user named them), folders searched for image extensions."""
+    """Files as given (any extension: the user named them), folders searched for image extensions
+    as training searches its class folders (config.find_files, which warns about what it skips)."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            for folder, _, files in sorted(os.walk(item, followlinks=True)):
-                paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            found, skipped = find_files(item, IMG_EXTENSIONS)
+            for warning in skipped:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+            paths += found
         elif os.path.isfile(item):
             paths.append(item)
+        elif os.path.exists(item):  # reading a FIFO would wait forever
+            raise UsageError(f"input {item} is not a regular file or a folder")
         else:
             raise UsageError(f"input not found: {item}")
     if not paths:
@@ -156,9 +162,19 @@ def write_output(results, path):
         writer.writerow(["path", "rank", "class", "probability", "error"])
         for r in results:
             if "error" in r:
-                writer.writerow([r["path"], "", "", "", r["error"]])
+                writer.writerow([as_text_cell(r["path"]), "", "", "", as_text_cell(r["error"])])
             for rank, p in enumerate(r["predictions"], start=1):
-                writer.writerow([r["path"], rank, p["class"], repr(p["probability"]), ""])
+                writer.writerow([as_text_cell(r["path"]), rank, as_text_cell(p["class"]), repr(p["probability"]), ""])
+
+
+# A spreadsheet reads a cell starting with one of these as a formula (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def as_text_cell(text):
+    """A path, class name or error for the CSV: one starting like a formula gets a leading single
+    quote, which spreadsheets show as text (the OWASP rule). The JSON output keeps every string exact."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def main(argv=None):

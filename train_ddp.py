@@ -4,10 +4,11 @@
     torchrun --nproc_per_node=8 train_ddp.py --train_dir data/train ...          # eight
     python launch_ddp.py --num_gpus 2 --use_amp                                  # via torchrun
 
-Where things live: flags in config.py; data in dataset.py (and image_cache.py); models in
-model.py; the recipe (optimizer, schedule, EMA) in recipe.py; the run's pieces and their builder
-in training.py; the checkpoint schema and the run's state in checkpoint.py; running sums and
-evaluation in metrics.py; process group, collectives and signals in distributed.py.
+Where things live: flags in config.py; data in dataset.py (and image_cache.py, cache_file.py);
+the order of samples in sampling.py; models in model.py; the recipe (optimizer, schedule, EMA) in
+recipe.py; the run's pieces and their builder in training.py; the checkpoint schema and the run's
+state in checkpoint.py; what may change on resume in resume.py; running sums and evaluation in
+metrics.py; process group, collectives and signals in distributed.py.
 """
 import os
 import sys
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from checkpoint import (RunState, check_resumable, load_checkpoint, remove_quietly, rng_state, top_k_filename,
                         unwrap, write_checkpoints)
 from config import parse_args
-from distributed import (Stopped, StopRequest, broadcast_buffers, gather_from_ranks, main_print, setup_distributed,
-                         teardown_distributed)
+from distributed import (Stopped, StopRequest, broadcast_buffers, gather_from_ranks, is_peer_loss, main_print,
+                         report_to_torchrun, setup_distributed, teardown_distributed)
 from errors import USER_ERRORS, ConfigError, TrainingError
 from metrics import EpochSums, evaluate, to_model_input
+from resume import plan_resume, restart_parts
 from training import build_data, build_training
 from utils import write_json_atomic
 
@@ -44,28 +46,39 @@ def main(argv=None):
     except Stopped as exc:
         main_print(ctx, f"Stopped by signal {exc.signum} while setting up; nothing was trained or saved.")
         return 128 + exc.signum
+    except RuntimeError as exc:
+        if not is_peer_loss(exc):
+            raise
+        return report_error("another process of this job stopped or failed (its own message says why), so "
+                            "this one stops too", ctx.rank, exit_code=1, consequence=True)
     finally:
         teardown_distributed()
 
 
-def report_error(exc, rank):
-    """One line per failing rank, no traceback: these are the user's input, not our bug."""
+def report_error(exc, rank, exit_code=2, consequence=False):
+    """One line per failing rank, no traceback: these are the user's input, not our bug. Under
+    torchrun the line also goes to its failure summary."""
     message = str(exc).strip()
     if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
         message = message.splitlines()[-1].split(": ", 1)[-1]
     prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    return 2
+    report_to_torchrun(f"error: {message}", consequence)
+    return exit_code
 
 
 def train(args, ctx, stop):
     began = time.perf_counter()
     data = build_data(args, ctx)
     resume_path, checkpoint = find_checkpoint_to_resume(args, data.class_names)
+    reset, changes = plan_resume(checkpoint, resume_path, args, ctx.world_size) if checkpoint else (set(), [])
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop)
-    state = RunState.restore(checkpoint, training, ctx.rank) if checkpoint else RunState()
+    state = RunState.restore(checkpoint, training, ctx.rank, reset) if checkpoint else RunState()
     if checkpoint:
-        main_print(ctx, describe_resume(resume_path, state))
+        restart_parts(training, state, reset, args)
+        main_print(ctx, describe_resume(resume_path, state, changes))
+    state.global_batch = args.batch_size * ctx.world_size * args.gradient_accumulation_steps
     if not args.fast_dev_run and ctx.is_main:
         write_json_atomic(os.path.join(args.log_dir, "config.json"), vars(args))
     main_print(ctx, describe_setup(data, training, args, ctx))
@@ -78,13 +91,16 @@ def train(args, ctx, stop):
     exit_code = 0
     for epoch in range(state.epoch + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
-        train_stats = train_one_epoch(training, data, epoch, state, args, ctx)
-        if train_stats is None:  # stopped by a signal; a mid-epoch checkpoint is saved
-            main_print(ctx, f"Stopped by signal {stop.signal}: saved step {state.step} of epoch {epoch} "
-                            f"to {args.checkpoint_dir}/checkpoint_latest.pth; resume with --auto_resume")
+        sums = train_one_epoch(training, data, epoch, state, args, ctx)
+        record = validate(training, data, epoch, sums, args, ctx) if sums is not None else None
+        if record is None:  # stopped by a signal, in training or validation: the steps trained are saved
+            if sums is not None:
+                save(training, state, data, ["checkpoint_latest.pth"], args, ctx, sums)
+            main_print(ctx, f"Stopped by signal {stop.signal}: saved step {state.step} of epoch {epoch}"
+                            f"{' (training done, validation not)' if sums is not None else ''} to "
+                            f"{args.checkpoint_dir}/checkpoint_latest.pth; resume with --auto_resume")
             exit_code = 128 + stop.signal
             break
-        record = validate(training, data, epoch, train_stats, args, ctx)
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         monitored = record[("ema_" if training.ema is not None else "") + args.monitor_metric]
         names, dropped = state.end_epoch(record, monitored, args)
@@ -120,37 +136,43 @@ def find_checkpoint_to_resume(args, class_names):
 
 
 def train_one_epoch(training, data, epoch, state, args, ctx):
-    """One pass over this rank's shard, from optimizer step `state.step` on (mid-epoch resume).
+    """One pass over this rank's share of the epoch's global sample sequence, from position
+    `state.samples_done` on (a mid-epoch resume, possibly on another layout: sampling.py).
 
     Gradients accumulate over micro-batches; only the last micro-batch of each group all-reduces
     them. Metrics stay on the device; the host syncs only at log points (--log_every_steps) and
-    at the ranks' joint checks (training.checks). Returns the epoch's metrics, or None when
+    at the ranks' joint checks (training.checks). Returns the epoch's running sums, or None when
     stopped by a signal (after a mid-epoch checkpoint).
     """
     training.model.train()
-    accumulation, num_batches = args.gradient_accumulation_steps, training.batches_per_epoch
-    batches_done = state.step * accumulation
-    data.train_loader.sampler.set_epoch(epoch, start=batches_done * args.batch_size)
-    partial = state.train_partial[ctx.rank % len(state.train_partial)] if state.train_partial else None
-    sums, state.train_partial = EpochSums(ctx.device, partial), None
+    sampler, accumulation = data.train_loader.sampler, args.gradient_accumulation_steps
+    state.epoch_samples = state.epoch_samples or training.batches_per_epoch * sampler.row  # kept across resumes
+    sampler.set_epoch(epoch, start=state.samples_done, end=state.epoch_samples)
+    batches_done = state.samples_done // sampler.row
+    num_batches = batches_done + sampler.batches()
+    sums, state.train_partial = EpochSums.resume(ctx.device, state.train_partial, ctx.rank, ctx.world_size), None
+    trace = training.trace
     progress = tqdm(total=num_batches, initial=batches_done, desc=f"Epoch {epoch}/{args.epochs}",
                     disable=not ctx.is_main, leave=False, dynamic_ncols=True, mininterval=1.0)
     training.optimizer.zero_grad(set_to_none=True)
-    start, seen_before = time.perf_counter(), sums.seen.item()
-    for i, (images, labels, _, skipped) in enumerate(data.train_loader, start=batches_done):
-        if i == num_batches:  # --limit_train_batches
-            break
+    start, sums.seen_before = time.perf_counter(), sums.seen.item()
+    for i, (images, labels, indices, skipped) in enumerate(data.train_loader, start=batches_done):
         group_start = i - i % accumulation
         group_size = min(accumulation, num_batches - group_start)  # the last group may be short
         is_update = i + 1 == group_start + group_size
         loss = forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx)
         progress.update()
+        if trace:
+            trace.add(indices)
         if not is_update:
             continue
         grad_norm = optimizer_step(training, sums, args)
         state.step = update = i // accumulation + 1
+        state.samples_done = min((i + 1) * sampler.row, state.epoch_samples)
         global_step = (epoch - 1) * training.steps_per_epoch + update
-        last = update == training.steps_per_epoch
+        last = state.samples_done == state.epoch_samples
+        if trace:
+            trace.write(epoch, update)
         if ctx.is_main and (update % args.log_every_steps == 0 or last):
             log_step(training.logger, progress, loss, grad_norm, sums, global_step)
         if training.checks.due(global_step, last) and stop_now(training, sums, epoch, update, args, ctx):
@@ -162,7 +184,8 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     progress.close()
-    return sums.epoch_totals(seen_before, time.perf_counter() - start)
+    sums.seconds = time.perf_counter() - start
+    return sums
 
 
 def forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx):
@@ -238,16 +261,21 @@ def stop_now(training, sums, epoch, update, args, ctx):
     return stop
 
 
-def validate(training, data, epoch, train_stats, args, ctx):
-    """The epoch's record: its training metrics and exact validation of the model (and the EMA)."""
+def validate(training, data, epoch, sums, args, ctx):
+    """The epoch's record: its training metrics and exact validation of the model (and the EMA);
+    None when the ranks stop on a signal meanwhile (the epoch's training is then saved as done)."""
     model = unwrap(training.model)
     broadcast_buffers(model)  # evaluate and save the statistics rank 0 saves
-    val_loss, val_acc = evaluate(model, data.val_loader, data.val_size, training, args, ctx)
-    record = dict(epoch=epoch, **train_stats, val_loss=val_loss, val_acc=val_acc)
-    if training.ema is not None:
+    evaluated = [evaluate(model, data.val_loader, data.val_size, training, args, ctx, stop=training.stop)]
+    if training.ema is not None and evaluated[0] is not None:
         broadcast_buffers(training.ema.module)  # each rank averaged its own batch statistics
-        record["ema_val_loss"], record["ema_val_acc"] = evaluate(
-            training.ema.module, data.val_loader, data.val_size, training, args, ctx)
+        evaluated.append(evaluate(training.ema.module, data.val_loader, data.val_size, training, args, ctx,
+                                  stop=training.stop))
+    if None in evaluated:
+        return None
+    record = dict(epoch=epoch, **sums.epoch_totals(), val_loss=evaluated[0][0], val_acc=evaluated[0][1])
+    if training.ema is not None:
+        record["ema_val_loss"], record["ema_val_acc"] = evaluated[1]
     return record
 
 
@@ -279,9 +307,10 @@ def log_epoch(logger, record, global_step):
     logger.log(metrics, step=global_step)
 
 
-def describe_resume(path, state):
+def describe_resume(path, state, changes):
     partial = f" and {state.step} steps of epoch {state.epoch + 1}" if state.step else ""
-    return f"Resumed from {path}: epoch {state.epoch} done{partial}, best acc {state.best_acc:.2f}%"
+    return (f"Resumed from {path}: epoch {state.epoch} done{partial}, best acc {state.best_acc:.2f}%"
+            + "".join(f"; {change}" for change in changes))
 
 
 def describe_setup(data, training, args, ctx):

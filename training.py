@@ -15,8 +15,9 @@ from dataset import build_datasets, build_loaders, prepare_digits_demo
 from distributed import JointChecks, StopRequest, main_print
 from image_cache import build_cached_loaders
 from loggers import RunLogger
-from model import build_model
+from model import build_model, check_image_size
 from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
+from sampling import SampleTrace
 
 
 @dataclass
@@ -44,10 +45,13 @@ class Training:
     logger: RunLogger
     stop: StopRequest
     checks: JointChecks
+    trace: SampleTrace | None       # --trace_samples
 
 
 def build_data(args, ctx):
-    """The datasets and their loaders: image files, or the decoded cache with --cache_images."""
+    """The datasets and their loaders: image files, or the decoded cache with --cache_images. A
+    model that cannot take --image_size is refused first, before any data is read or written."""
+    check_image_size(args.model, args.image_size)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     train_set, val_set, class_names = build_datasets(args, ctx.world_size)
@@ -88,9 +92,10 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
         model = torch.compile(model)
     if args.use_amp and amp_dtype == torch.bfloat16 and ctx.device.type == "cpu" and ctx.is_main:
         warn_slow_cpu_bf16()
+    trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
-                    JointChecks(ctx.device))
+                    JointChecks(ctx.device), trace)
 
 
 def warn_slow_cpu_bf16():

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +113,15 @@ def assert_same_weights(a, b, exact=True, atol=1e-6):
             assert torch.equal(a[key], b[key]), f"{key} differs"
         else:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def wait_for_checkpoint(path, done, timeout=120):
+    """Poll a checkpoint (atomic writes make every read safe) until done(checkpoint) holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            checkpoint = torch.load(path)
+            if done(checkpoint):
+                return checkpoint
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never reached the expected state")

@@ -2,6 +2,7 @@
 unwrap, resume checks, and the epoch-level decisions (best, early stopping, top-k)."""
 import os
 import re
+import stat
 
 from types import SimpleNamespace
 
@@ -374,3 +375,16 @@ def test_run_state_end_epoch_decides_best_early_stopping_and_top_k():
     assert not state.should_stop_early(args)
     assert state.end_epoch(record(3, 60.0), 2.0, args) == (["checkpoint_latest.pth"], [3])
     assert state.should_stop_early(args) and state.history["epoch"] == [1, 2, 3] and state.epoch == 3
+
+
+def test_a_save_syncs_the_file_then_its_directory_so_the_rename_survives_a_power_loss(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append("directory" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(make_state(), str(tmp_path / "checkpoint_latest.pth"))
+    assert synced == ["file", "directory"]

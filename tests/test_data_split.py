@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ def make_dataset(root, counts):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "data_split.py", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def listing(split_dir):
@@ -148,15 +150,96 @@ def test_cli_extensions_case_insensitive_and_non_images_ignored(tmp_path):
     assert sorted(found) == ["one.png", "sub/three.Jpeg", "two.JPG"]
 
 
-def test_cli_warns_about_single_image_class(tmp_path):
+def test_cli_refuses_a_class_that_would_get_no_val_image(tmp_path):
+    # train_ddp.py refuses a val/ without one of train/'s classes: better now than after the copy.
     inp = make_dataset(tmp_path / "raw", {"big": 6, "lonely": 1})
+    out = tmp_path / "out"
+    assert_refused(run_cli(*base_args(inp, out)), "class 'lonely' has 1 image: 1 train and 0 val images")
+    assert not out.exists()
+    res = run_cli(*base_args(inp, out)[:-2], "--val_ratio", "0", "--train_ratio", "1", "--image_extensions", "png")
+    assert res.returncode == 0, res.stderr  # without validation a class of one image is fine
+    assert listing(out / "train")["lonely"] == ["img_000.png"]
+
+
+@pytest.mark.parametrize("ratios", [(0.34, 0.33, 0.33), (0.1, 0.45, 0.45), (0.2, 0.8, 0.0), (0.5, 0.0, 0.5)])
+def test_split_files_keeps_a_train_image_and_a_val_image_for_every_class(ratios):
+    # 0.34/0.33/0.33 used to give a class of 2 images 1 val, 1 test and no train image.
+    files = fake_files({f"c{n}": n for n in range(1, 9)})
+    splits = split_files(files, *ratios, seed=3)
+    for c, names in files.items():
+        counts = {s: len(splits[s][c]) for s in splits}
+        assert sum(counts.values()) == len(names) and counts["train"] >= 1, (c, counts)
+        if ratios[1] > 0 and len(names) >= 2:
+            assert counts["val"] >= 1, (c, counts)
+
+
+def test_cli_two_image_class_with_thirds_gets_one_train_and_one_val_image(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"pair": 2, "many": 9})
+    out = tmp_path / "out"
+    res = run_cli("--input_dir", inp, "--output_dir", out, "--train_ratio", "0.34", "--val_ratio", "0.33",
+                  "--test_ratio", "0.33", "--image_extensions", "png")
+    assert res.returncode == 0, res.stderr
+    assert {c: len(f) for c, f in listing(out / "train").items()} == {"many": 3, "pair": 1}
+    assert {c: len(f) for c, f in listing(out / "val").items()} == {"many": 3, "pair": 1}
+    assert listing(out / "test") == {"many": listing(out / "test")["many"]}  # no test image left for pair
+
+
+def assert_nothing_written(tmp_path, out):
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_cli_failure_midway_leaves_nothing_and_a_rerun_works(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 6, "b": 6})
+    os.symlink("/proc/self/mem", inp / "b" / "img_003x.png")  # a regular file whose read fails (EIO)
+    out = tmp_path / "new" / "deeper" / "out"
+    res = run_cli(*base_args(inp, out))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: failed while writing") and res.stderr.count("\n") == 1
+    assert "nothing was written" in res.stderr
+    assert not (tmp_path / "new").exists()  # nor the missing parents it created
+    assert_nothing_written(tmp_path, out)
+    os.remove(inp / "b" / "img_003x.png")
+    assert run_cli(*base_args(inp, out)).returncode == 0  # the rerun is not refused
+    assert len(list(out.rglob("*.png"))) == 12
+
+
+def test_cli_sigterm_midway_leaves_nothing(tmp_path):
+    png = (make_dataset(tmp_path / "raw", {"a": 1, "b": 1}) / "a" / "img_000.png").read_bytes()
+    for class_name in ("a", "b"):
+        for i in range(4000):
+            (tmp_path / "raw" / class_name / f"{i:05d}.png").write_bytes(png)
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "data_split.py", *map(str, base_args(tmp_path / "raw", out))],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not [p for p in tmp_path.iterdir() if p.name.startswith(".out-partial")] and time.time() < deadline:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr == "stopped by signal 15; nothing was written\n"
+    assert_nothing_written(tmp_path, out)
+
+
+def test_cli_skips_hidden_files_fifos_and_link_loops(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 3, "b": 3})
+    write_png(inp / "a" / ".ipynb_checkpoints" / "img_000-checkpoint.png")
+    write_png(inp / "a" / "._img_001.png")  # macOS AppleDouble file
+    os.mkfifo(inp / "b" / "pipe.png")  # copying it would wait for a writer forever
+    os.symlink(".", inp / "b" / "again")  # a loop
+    os.symlink("../a", inp / "b" / "a_too")  # a real folder elsewhere: followed, once
     out = tmp_path / "out"
     res = run_cli(*base_args(inp, out))
     assert res.returncode == 0, res.stderr
-    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "'lonely'" in warnings[0] and "no val" in warnings[0]
-    assert listing(out / "train")["lonely"] == ["img_000.png"]
-    assert "lonely" not in listing(out / "val")
+    assert sorted(res.stderr.splitlines()) == [
+        f"warning: skipping {inp / 'b' / 'again'}: it leads to {inp / 'b'}, which is already included "
+        "(a link loop, or a second link to one folder)",
+        f"warning: skipping {inp / 'b' / 'pipe.png'}: a FIFO (named pipe), not a regular file"]
+    found = {c: sorted(listing(out / "train").get(c, []) + listing(out / "val").get(c, [])) for c in ("a", "b")}
+    assert found == {"a": ["img_000.png", "img_001.png", "img_002.png"],
+                     "b": ["a_too/img_000.png", "a_too/img_001.png", "a_too/img_002.png",
+                           "img_000.png", "img_001.png", "img_002.png"]}
 
 
 def test_cli_symlink_points_at_originals(tmp_path):

@@ -3,7 +3,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,10 +17,10 @@ from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResiz
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from conftest import CLASSES
+from conftest import CLASSES, REPO, run_cli, train_cmd
 from config import parse_args
-from dataset import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
-                     EpochTaggedSampler, build_datasets, build_loaders, normalize,
+from dataset import (BAND_ASPECT, CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
+                     build_datasets, build_loaders, eval_resize_size, load_eval, normalize, open_resized,
                      open_rgb, prepare_digits_demo, random_resized_crop_box, resized_crop, sample_seed)
 
 
@@ -190,6 +194,55 @@ def test_eval_items_are_torchvisions_resize_and_center_crop(tiny_data):
             assert torch.equal(image, reference(raw.convert("RGB")))
 
 
+def save_noise(path, width, height, seed=0):
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def torchvision_eval(path, size):
+    """torchvision's Resize(size / 0.875) of the whole image, and its CenterCrop(size)."""
+    resized = Resize(eval_resize_size(size), interpolation=InterpolationMode.BILINEAR)(open_rgb(path))
+    return resized, CenterCrop(size)(resized)
+
+
+@pytest.mark.parametrize("width, height", [(200, 25), (25, 200), (47, 6), (9, 70)])
+def test_eval_of_images_up_to_the_band_aspect_is_torchvisions_pixel_for_pixel(tmp_path, width, height):
+    path = save_noise(tmp_path / "long.png", width, height)
+    for size in (16, 32):
+        assert load_eval(path, size).tobytes() == torchvision_eval(path, size)[1].tobytes()
+
+
+@pytest.mark.parametrize("width, height", [(6000, 1), (1, 6000), (900, 7), (13, 2000)])
+def test_eval_of_longer_images_resizes_only_the_central_band_and_crops_the_same_pixels(tmp_path, width, height):
+    path = save_noise(tmp_path / "strip.png", width, height)
+    for size in (16, 32):
+        whole, expected = torchvision_eval(path, size)
+        band = open_resized(path, eval_resize_size(size))
+        assert max(band.size) < max(whole.size) / BAND_ASPECT
+        # Every center crop up to the resized short side (load_eval's, the image cache's window)
+        # sits where it sits on the whole resized image, within one level of its pixels.
+        for crop in (size, eval_resize_size(size)):
+            ours, theirs = (np.asarray(CenterCrop(crop)(image), dtype=int) for image in (band, whole))
+            assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+        assert np.abs(np.asarray(load_eval(path, size), dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
+def test_a_97_byte_1_by_6000_png_is_evaluated_in_a_few_megabytes(tmp_path):
+    # It took 1.5 GB (the whole resized image: 256 x 1,536,000 px), for predict.py, validation and
+    # the cache build alike; a 1 x 600,000 px one would have taken ~118 GB.
+    wide, tall = str(tmp_path / "wide.png"), str(tmp_path / "tall.png")
+    Image.new("RGB", (6000, 1), (10, 200, 30)).save(wide)
+    Image.new("RGB", (1, 6000), (10, 200, 30)).save(tall)
+    code = ("import resource, sys; from dataset import load_eval, open_resized; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "sizes = [(load_eval(p, 224).size, open_resized(p, 256).size) for p in sys.argv[1:]]; "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, sizes)")
+    peak_mb, sizes = run_cli([sys.executable, "-c", code, wide, tall]).stdout.split(" ", 1)
+    assert sizes.strip() == "[((224, 224), (256, 256)), ((224, 224), (256, 256))]"
+    assert int(peak_mb) < 20, f"peak memory grew by {peak_mb} MB"
+
+
 def write_mode_zoo(root):
     """One image per PIL mode the loader must turn into RGB; (path, expected centre colour)."""
     folder = os.path.join(root, "zoo")
@@ -276,23 +329,6 @@ def test_fast_jpeg_decode_matches_full_decode_for_the_same_crop(tmp_path, train)
 
 
 # ------------------------------------------------------------------ sampler and loaders
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_sampler_yields_epoch_tagged_distributed_order_and_skips_exactly_start(tiny_data, world_size):
-    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
-    permutation = torch.randperm(24, generator=torch.Generator().manual_seed(7 + 5)).tolist()
-    for rank in range(world_size):
-        sampler = EpochTaggedSampler(dataset, num_replicas=world_size, rank=rank, seed=7)
-        sampler.set_epoch(5)
-        full = list(sampler)
-        assert full == [(5, i) for i in permutation[rank::world_size]]  # DistributedSampler's order
-        for start in (0, 1, 3, len(full)):
-            sampler.set_epoch(5, start=start)
-            assert list(sampler) == full[start:]
-            assert len(sampler) == len(full) - start
-        sampler.set_epoch(6)  # a new epoch starts from its beginning again
-        assert len(list(sampler)) == len(full) == 24 // world_size
-
 
 def test_loader_resumed_mid_epoch_yields_the_remaining_batches(tiny_data):
     dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
@@ -490,3 +526,18 @@ def test_digits_demo_is_deterministic_and_written_only_once(digits, tmp_path):
     assert {p: os.stat(os.path.join(other, p)).st_mtime_ns for p in listing(other)} == \
         {p: t for p, t in stamps.items() if p != sample}
     assert sorted(os.listdir(tmp_path)) == ["digits"]  # no staging folder left behind
+
+
+def test_a_signal_while_the_digits_demo_is_written_leaves_nothing_behind(tmp_path):
+    # DEMO_DIR is relative: the demo goes to tmp_path/data/digits.
+    job = subprocess.Popen(train_cmd("--demo", "--checkpoint_dir", "run/checkpoints", "--log_dir", "run/logs"),
+                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and job.poll() is None and not list((tmp_path / "data").glob(".digits-*")):
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=60)[0]
+    assert job.returncode == 128 + signal.SIGTERM, output
+    assert output == "Stopped by signal 15 while setting up; nothing was trained or saved.\n"
+    assert os.listdir(tmp_path / "data") == [] and not os.path.exists(tmp_path / "run")

@@ -2,6 +2,7 @@
 SIGTERM, failing ranks, non-finite steps, unreadable images, failed saves."""
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -11,7 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, data_flags, run_cli, torchrun, train_cmd
+from conftest import REPO, data_flags, run_cli, torchrun, train_cmd, wait_for_checkpoint
+
+pytestmark = pytest.mark.slow
 
 LAUNCH = [sys.executable, os.path.join(REPO, "launch_ddp.py")]
 TIMING_KEYS = {"epoch_seconds", "samples_per_second"}
@@ -23,18 +26,6 @@ RUN = dict(model="mobilenet_v3_small", epochs=4, image_size=16, save_every_steps
 def start(args, **popen):
     return subprocess.Popen(args, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
-
-
-def wait_for_checkpoint(path, done, timeout=120):
-    """Poll a checkpoint (atomic writes make every read safe) until done(checkpoint) holds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(path):
-            checkpoint = torch.load(path)
-            if done(checkpoint):
-                return checkpoint
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never reached the expected state")
 
 
 def mid_epoch(checkpoint):
@@ -171,6 +162,56 @@ def test_a_signal_acted_on_at_the_last_step_of_an_epoch_resumes_into_that_epochs
     assert_same_run(latest, f"{tmp_path}/reference/checkpoints/checkpoint_latest.pth")
 
 
+class SignalOnFirstBatch:
+    """A validation loader that sends this process a real SIGTERM as it hands out its first batch:
+    the signal lands in the middle of the epoch's validation, whatever the machine's speed."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def test_a_signal_during_validation_stops_at_once_and_keeps_the_epochs_training(tmp_path, monkeypatch):
+    import train_ddp
+    import training
+    from conftest import write_image_folder
+    from distributed import StopRequest, setup_distributed
+    data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=8),
+                val_dir=write_image_folder(str(tmp_path / "val"), per_class=20, seed=1))
+    flags = dict(model="tiny_cnn", epochs=2, batch_size=24, num_sanity_val_steps=0)
+    run_cli(train_cmd(*data_flags(data, f"{tmp_path}/reference", **flags)))
+
+    def build_data_signalling_in_validation(args, ctx):
+        built = training.build_data(args, ctx)
+        built.val_loader = SignalOnFirstBatch(built.val_loader)
+        return built
+
+    monkeypatch.setattr(train_ddp, "build_data", build_data_signalling_in_validation)
+    command = data_flags(data, f"{tmp_path}/run", **flags)
+    previous = {signum: signal.getsignal(signum) for signum in StopRequest.SIGNALS}
+    try:
+        code = train_ddp.train(train_ddp.parse_args(command), setup_distributed(), StopRequest())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert code == 128 + signal.SIGTERM
+    latest = f"{tmp_path}/run/checkpoints/checkpoint_latest.pth"
+    saved = torch.load(latest)
+    assert saved["history"]["epoch"] == []  # validation never finished
+    assert (saved["epoch"], saved["step"]) == (0, 1) and saved["samples_done"] == saved["epoch_samples"] == 24
+    resumed = run_cli(train_cmd(*command, "--auto_resume"))
+    assert "(training done, validation not)" not in resumed.stdout and "Epoch 1/2 |" in resumed.stdout
+    assert_same_run(latest, f"{tmp_path}/reference/checkpoints/checkpoint_latest.pth")
+
+
 def test_a_signal_stops_mid_epoch_at_a_joint_check_whatever_log_every_steps_is(tmp_path):
     from conftest import write_image_folder
     data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=100),
@@ -199,6 +240,21 @@ def test_a_failing_rank_ends_the_whole_job_quickly_with_its_error_visible(tiny_d
     assert result.returncode != 0
     assert "error: cannot read image" in result.stderr and "square/003.png" in result.stderr
     assert not os.path.exists(f"{tmp_path}/checkpoints/checkpoint_latest.pth")
+
+
+def test_torchruns_summary_names_the_failing_rank_and_its_message_and_the_other_rank_has_no_traceback(
+        tiny_data, tmp_path):
+    with open(f"{tiny_data['train_dir']}/square/003.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not really a png")
+    result = run_cli(torchrun(2, *data_flags(tiny_data, str(tmp_path), batch_size=12, model="tiny_cnn")), check=False)
+    assert result.returncode != 0
+    root_cause = result.stderr[result.stderr.index("Root Cause (first observed failure)"):]
+    failing_rank = re.search(r"\[rank (\d)\] error: cannot read image", result.stderr).group(1)
+    assert re.search(rf"rank\s*: {failing_rank} ", root_cause), root_cause
+    assert "error: cannot read image" in root_cause and "square/003.png" in root_cause
+    # torchrun prints its own ChildFailedError traceback; none of the ranks prints one.
+    assert not re.search(rf'File "{REPO}/\w+\.py"', result.stderr), result.stderr[-3000:]
+    assert "another process of this job stopped or failed" in result.stderr
 
 
 def test_a_sigkilled_rank_without_restarts_ends_the_job(tiny_data, tmp_path):

@@ -20,14 +20,30 @@ def test_epoch_sums_add_batches_and_updates_under_their_names():
 def test_epoch_sums_continue_from_a_saved_partial_epoch_of_either_format():
     saved = dict(loss=1.5, correct=2.0, seen=3.0, skipped_images=1.0, nonfinite_steps=2.0, nonfinite_streak=0.0,
                  learning_rate=0.02)
-    assert EpochSums(torch.device("cpu"), saved).to_saved() == saved
+    cpu = torch.device("cpu")
+    assert EpochSums(cpu, saved).to_saved() == saved
+    assert EpochSums.resume(cpu, [saved, dict(saved, loss=0.5)], rank=1, world_size=2).to_saved() == dict(saved, loss=0.5)
     six_slots = torch.tensor([1.5, 2.0, 3.0, 1.0, 2.0, 0.0], dtype=torch.float64)  # before named sums
-    assert EpochSums(torch.device("cpu"), six_slots).to_saved() == dict(saved, learning_rate=0.0)
+    assert EpochSums.resume(cpu, [six_slots], rank=0, world_size=1).to_saved() == dict(saved, learning_rate=0.0)
+
+
+def test_on_another_number_of_processes_rank_0_carries_every_ranks_partial_sums():
+    cpu = torch.device("cpu")
+    partials = [dict(loss=1.0, correct=2.0, seen=4.0, skipped_images=0.0, nonfinite_steps=1.0, nonfinite_streak=0.0,
+                     learning_rate=0.1),
+                dict(loss=3.0, correct=1.0, seen=4.0, skipped_images=1.0, nonfinite_steps=1.0, nonfinite_streak=0.0,
+                     learning_rate=0.1)]
+    assert EpochSums.resume(cpu, partials, rank=0, world_size=1).to_saved() == dict(
+        loss=4.0, correct=3.0, seen=8.0, skipped_images=1.0, nonfinite_steps=1.0, nonfinite_streak=0.0,
+        learning_rate=0.1)
+    on_three = [EpochSums.resume(cpu, partials, rank, world_size=3).to_saved() for rank in range(3)]
+    assert [s["seen"] for s in on_three] == [8.0, 0.0, 0.0] and all(s["nonfinite_steps"] == 1.0 for s in on_three)
 
 
 def test_epoch_totals_in_one_process_are_means_over_the_seen_samples():
     sums = EpochSums(torch.device("cpu"), dict(loss=3.0, correct=4.0, seen=8.0, skipped_images=0.0, nonfinite_steps=1.0,
                                                 nonfinite_streak=0.0, learning_rate=0.1))
-    totals = sums.epoch_totals(seen_before=6.0, seconds=0.5)
+    sums.seen_before, sums.seconds = 6.0, 0.5
+    totals = sums.epoch_totals()
     assert totals == dict(train_loss=3.0 / 8, train_acc=50.0, learning_rate=0.1, samples_per_second=4.0,
                           skipped_images=0, nonfinite_steps=1)

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model import RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model, load_weights_file
+from config import SMALLEST_IMAGE_SIZE
+from conftest import data_flags, run_cli, train_cmd
+from model import (RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model, check_image_size,
+                   load_weights_file)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +191,40 @@ def test_empty_weights_file_is_a_model_error(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ModelError, match=re.escape(f"cannot load weights file {empty}")):
         load_weights_file(str(empty))
+
+
+# ------------------------------------------------------------------ --image_size the model can take
+
+def test_an_image_size_the_model_cannot_take_is_refused_naming_its_smallest():
+    with pytest.raises(ModelError, match=re.escape("--image_size 1 is too small for tiny_cnn: its smallest "
+                                                   "input is 2 px; use --image_size 2 or more")):
+        check_image_size("tiny_cnn", 1)
+    with pytest.raises(ModelError, match="too small for vit_b_16: its smallest input is 224 px"):
+        check_image_size("vit_b_16", 32)
+    with pytest.raises(ModelError, match="--image_size 256 does not fit vit_b_16: Wrong image height"):
+        check_image_size("vit_b_16", 256)  # a ViT takes exactly its own size
+    rng = torch.get_rng_state()
+    for name, size in [("tiny_cnn", 2), ("resnet18", 1), ("vit_b_16", 224)]:
+        check_image_size(name, size)
+    assert torch.equal(torch.get_rng_state(), rng)  # the dry pass draws no random numbers
+    with pytest.raises(ModelError, match="unknown model 'resnet_9000'"):
+        check_image_size("resnet_9000", 224)
+
+
+@pytest.mark.parametrize("name, smallest", sorted(SMALLEST_IMAGE_SIZE.items()))
+def test_the_launchers_table_of_smallest_sizes_agrees_with_the_dry_forward_pass(name, smallest):
+    check_image_size(name, smallest)
+    with pytest.raises(ModelError, match=f"too small for {name}: its smallest input is {smallest} px"):
+        check_image_size(name, smallest - 1)
+
+
+@pytest.mark.parametrize("model, image_size, message", [
+    ("tiny_cnn", 1, "--image_size 1 is too small for tiny_cnn: its smallest input is 2 px"),  # config.py's table
+    ("convnext_tiny", 16, "--image_size 16 is too small for convnext_tiny: its smallest input is 32 px")])
+def test_training_cli_refuses_the_size_in_one_line_before_any_data_work(tmp_path, model, image_size, message):
+    # No data folders at all: the size is refused before they are even looked at.
+    data = dict(train_dir=str(tmp_path / "missing" / "train"), val_dir=str(tmp_path / "missing" / "val"))
+    result = run_cli(train_cmd(*data_flags(data, str(tmp_path / "run"), model=model, image_size=image_size)),
+                     check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "run")

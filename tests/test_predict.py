@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import predict
 from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
@@ -134,6 +135,7 @@ def test_ema_weights_are_offered_only_by_checkpoints_that_have_them(trained, tmp
 def error_cases(trained, tmp_path):
     text_file, not_checkpoint, empty = tmp_path / "notes.txt", tmp_path / "tensor.pth", tmp_path / "empty"
     text_file.write_text("hello")
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait for a writer forever
     torch.save({"weights": torch.zeros(2)}, not_checkpoint)
     empty.mkdir()
     (empty / "readme.md").write_text("no images here")
@@ -144,6 +146,7 @@ def error_cases(trained, tmp_path):
         "other torch file": (["--checkpoint", not_checkpoint, val], "not a training checkpoint"),
         "no images": (["--checkpoint", trained["tiny"], empty], "no images found"),
         "missing input": (["--checkpoint", trained["tiny"], tmp_path / "gone"], "input not found"),
+        "fifo input": (["--checkpoint", trained["tiny"], tmp_path / "pipe.png"], "is not a regular file or a folder"),
         "output format": (["--checkpoint", trained["tiny"], val, "--output", tmp_path / "p.txt"], ".csv or .json"),
         "output folder": (["--checkpoint", trained["tiny"], val, "--output", tmp_path / "x" / "p.csv"],
                           "folder does not exist"),
@@ -166,3 +169,54 @@ def test_bad_input_on_the_command_line_exits_2_without_a_traceback(trained, tmp_
     result = run_predict("--checkpoint", tmp_path / "nope.pth", trained["val_dir"], check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pth'}\n"
+
+
+def test_folders_are_walked_as_training_walks_them(trained, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["val_dir"], folder)
+    os.symlink(".", folder / "circle" / "again")  # a loop: every image once, one warning
+    os.mkfifo(folder / "square" / "pipe.png")
+    (folder / "triangle" / "._000.png").write_bytes(b"macOS metadata, not a PNG")
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(folder / "circle" / "000.png", folder / ".ipynb_checkpoints" / "000-checkpoint.png")
+    Image.new("RGB", (6000, 1), (200, 30, 30)).save(folder / "triangle" / "strip.png")  # 1.5 GB before
+    out = tmp_path / "preds.json"
+    result = run_predict("--checkpoint", trained["tiny"], folder, "--output", out)
+    assert result.stderr.splitlines() == [  # real folders are walked first, then links
+        f"warning: skipping {folder}/square/pipe.png: a FIFO (named pipe), not a regular file",
+        f"warning: skipping {folder}/circle/again: it leads to {folder}/circle, which is already included "
+        "(a link loop, or a second link to one folder)"]
+    preds = json.loads(out.read_text())
+    expected = sorted(p.replace(trained["val_dir"], str(folder)) for p in validation_probabilities(
+        trained["tiny"], trained["val_dir"])) + [f"{folder}/triangle/strip.png"]
+    assert [p["path"] for p in preds] == sorted(expected)
+    assert all(len(p["predictions"]) == 3 and "error" not in p for p in preds)
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_quoted_and_json_is_exact(trained, tmp_path,
+                                                                                        monkeypatch):
+    checkpoint = torch.load(trained["tiny"])
+    classes = ['=HYPERLINK("http://x.example","y")', "\tTab", "\rCR"]
+    formula_checkpoint = str(tmp_path / "formulas.pth")
+    torch.save(dict(checkpoint, class_names=classes), formula_checkpoint)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = ["=1+2.png", "+cmd.png", "-2.png", "@SUM(A1).png", "plain.png"]
+    for name in names:
+        shutil.copy(os.path.join(trained["val_dir"], "circle", "000.png"), inputs / name)
+    (inputs / "-broken.png").write_bytes(b"not an image")
+    names.append("-broken.png")
+    out = tmp_path / "preds.csv"
+    run_cli(PREDICT + ["--checkpoint", formula_checkpoint, "--topk", "3", "--output", str(out), "--", *names],
+            cwd=inputs)
+    rows = list(csv.DictReader(out.open(newline="")))
+    quoted = {name: name if name == "plain.png" else "'" + name for name in names}
+    assert [r["path"] for r in rows] == [quoted[name] for name in names[:-1] for _ in range(3)] + ["'-broken.png"]
+    assert sorted(r["class"] for r in rows if r["class"]) == sorted(["'" + c for c in classes] * 5)
+    assert rows[-1]["error"] and not rows[-1]["error"].startswith(predict.FORMULA_STARTS)
+
+    monkeypatch.chdir(inputs)
+    assert predict.main(["--checkpoint", formula_checkpoint, "--output", str(tmp_path / "p.json"), "--", *names]) == 0
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert [p["path"] for p in preds] == names
+    assert all(sorted(q["class"] for q in p["predictions"]) == sorted(classes) for p in preds[:-1])

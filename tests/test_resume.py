@@ -1,0 +1,212 @@
+"""resume.py and sampling.py: the resume contract. Every change between runs either continues
+exactly, is applied with a note, or is refused in one line; proven on real runs, with the sample
+trace (--trace_samples) of a resumed run compared with the uninterrupted one."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_ddp
+from conftest import (REPO, assert_same_weights, data_flags, run_cli, torchrun, train_cmd, wait_for_checkpoint,
+                      write_image_folder)
+from sampling import read_trace
+
+TINY = dict(model="tiny_cnn", batch_size=2, trace_samples=True)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """40 training images per class (120 in all) and a few validation ones."""
+    root = tmp_path_factory.mktemp("photos")
+    return dict(train_dir=write_image_folder(str(root / "train"), per_class=40),
+                val_dir=write_image_folder(str(root / "val"), per_class=2, seed=1))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data_module):
+    """A one-epoch tiny_cnn run to resume with changed flags (AdamW, cosine, val_acc)."""
+    out = tiny_data_module["root"] + "/finished"
+    run_cli(train_cmd(*data_flags(tiny_data_module, out, model="tiny_cnn", epochs=1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_data_module(tmp_path_factory):
+    from conftest import make_tiny_data
+    return make_tiny_data(str(tmp_path_factory.mktemp("tiny")))
+
+
+def resume_in_process(data, out, capsys, **flags):
+    """train_ddp.main on a copy of the finished run's checkpoints; (exit code, stdout, stderr)."""
+    code = train_ddp.main(data_flags(data, out, model="tiny_cnn", auto_resume=True, **flags))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def copy_run(source, target):
+    subprocess.run(["cp", "-r", source, target], check=True)
+    return target
+
+
+# ------------------------------------------------------------------ refusals, each with its way out
+
+@pytest.mark.parametrize("flags, refusal, way_out", [
+    (dict(optimizer="sgd"), "was trained with --optimizer adamw, this run asks for --optimizer sgd",
+     dict(reset_optimizer=True)),
+    (dict(warmup_steps=3), "was trained with --warmup_steps 0, this run asks for --warmup_steps 3",
+     dict(reset_lr_schedule=True)),
+    (dict(lr_scheduler="step"), "was trained with --lr_scheduler cosine, this run asks for --lr_scheduler step",
+     dict(reset_lr_schedule=True)),
+    (dict(monitor_metric="val_loss"), "was trained with --monitor_metric val_acc, this run asks for "
+                                      "--monitor_metric val_loss", dict(reset_best=True)),
+])
+def test_a_change_that_cannot_continue_is_refused_in_one_line_naming_the_way_out(
+        tiny_data_module, finished_run, tmp_path, capsys, flags, refusal, way_out):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    before = open(f"{out}/checkpoints/checkpoint_latest.pth", "rb").read()
+    code, _, err = resume_in_process(tiny_data_module, out, capsys, epochs=2, **flags)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and refusal in err and "Traceback" not in err
+    assert f"--{next(iter(way_out))}" in err
+    assert open(f"{out}/checkpoints/checkpoint_latest.pth", "rb").read() == before  # untouched
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, **flags, **way_out)
+    assert code == 0 and "Epoch 2/2 |" in printed
+    assert f"--{next(iter(way_out))}:" in printed  # the resume line says what was started afresh
+
+
+def test_reset_optimizer_starts_fresh_moments_and_keeps_the_schedule(tiny_data_module, finished_run, tmp_path,
+                                                                   capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    saved = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    code, _, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, optimizer="sgd", reset_optimizer=True)
+    assert code == 0
+    resumed = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert "momentum_buffer" in resumed["optimizer_state_dict"]["state"][0]  # SGD's state, not AdamW's
+    assert resumed["scheduler_state_dict"]["last_epoch"] == 2 * saved["scheduler_state_dict"]["last_epoch"]
+
+
+def test_raising_epochs_replans_the_cosine_to_reach_zero_at_the_new_last_epoch(tiny_data_module, tmp_path,
+                                                                               capsys):
+    out = str(tmp_path / "run")
+    run_cli(train_cmd(*data_flags(tiny_data_module, out, model="tiny_cnn", epochs=2)))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=5)
+    assert code == 0 and "schedule re-planned for 5 epochs (was 2)" in printed
+    rates = json.load(open(f"{out}/logs/training_history.json"))["learning_rate"]  # each epoch's last step
+    # Epochs 3-5 follow the cosine of a 5-epoch run (6 steps per epoch), as if planned that long.
+    five_epoch_cosine = [1e-3 * (1 + math.cos(math.pi * (6 * epoch - 1) / 30)) / 2 for epoch in (3, 4, 5)]
+    assert len(rates) == 5 and rates[2:] == pytest.approx(five_epoch_cosine, rel=1e-9)
+    scheduler = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["scheduler_state_dict"]
+    assert scheduler["T_max"] == 5 * 6 and scheduler["last_epoch"] == 30
+    assert scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # the floor, at the last step
+
+
+def test_applied_changes_are_named_on_the_resume_line_and_reach_the_optimizer(tiny_data_module, finished_run,
+                                                                              tmp_path, capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, weight_decay=0.2, max_grad_norm=1.0)
+    assert code == 0
+    assert "applied from here: --weight_decay 0.01 -> 0.2, --max_grad_norm 0.0 -> 1.0" in printed
+    groups = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["optimizer_state_dict"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.2]
+
+
+def test_another_global_batch_is_refused_naming_the_batch_sizes_that_keep_it(tiny_data_module, finished_run,
+                                                                            tmp_path, capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))  # trained with 4 x 1 process x 1
+    code, _, err = resume_in_process(tiny_data_module, out, capsys, epochs=2, batch_size=4,
+                                     gradient_accumulation_steps=2)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "trained with a global batch of 4 samples (4 x 1 processes x 1 accumulation); 4 x 1 processes x 2 " \
+           "accumulation cannot keep it: use --batch_size 1 or 2 or 4" in err
+    assert f"--pretrained_weights {out}/checkpoints/checkpoint_latest.pth" in err
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, batch_size=2)
+    assert code == 0 and "gradient accumulation 2 keeps the global batch at 4 on 1 process(es)" in printed
+
+
+# ------------------------------------------------------------------ layouts changed mid-epoch
+
+def kill_mid_epoch(command, out):
+    """Start a run, SIGKILL it (whole session) right after its first mid-epoch checkpoint."""
+    job = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_checkpoint(f"{out}/checkpoints/checkpoint_latest.pth", lambda c: c["epoch"] == 0 and c["step"] >= 2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    saved = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert saved["epoch"] == 0 and 0 < saved["samples_done"] < saved["epoch_samples"]
+    return saved
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(photos, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("two_process_reference"))
+    run_cli(torchrun(2, *data_flags(photos, out, epochs=2, **TINY)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_on", ["1 process, batch 2", "1 process, batch 4"])
+def test_a_two_process_run_resumed_on_one_process_trains_the_same_samples_and_weights(
+        photos, two_process_reference, tmp_path, resume_on):
+    out = str(tmp_path)
+    flags = data_flags(photos, out, epochs=2, save_every_steps=1, **TINY)
+    kill_mid_epoch(torchrun(2, *flags), out)
+    batch = resume_on.split()[-1]
+    resumed = run_cli(train_cmd(*flags, "--auto_resume", "--batch_size", batch))
+    accumulation = {"2": 2, "4": 1}[batch]
+    if accumulation == 2:
+        assert "gradient accumulation 2 keeps the global batch at 4 on 1 process(es)" in resumed.stdout
+    assert read_trace(f"{out}/logs") == read_trace(f"{two_process_reference}/logs")
+    # tiny_cnn has no batch norm: the same samples per step give the same updates, up to rounding.
+    assert_same_weights(torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["model_state_dict"],
+                        torch.load(f"{two_process_reference}/checkpoints/checkpoint_latest.pth")["model_state_dict"],
+                        exact=False, atol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_an_elastic_job_that_loses_a_node_goes_on_smaller_with_the_same_samples_per_step(
+        photos, two_process_reference, tmp_path):
+    """Two torchrun agents ("nodes") on 127.0.0.1 with --nnodes 1:2; one is SIGKILLed mid-epoch.
+    The other's workers fail, it restarts them alone, they resume from the latest checkpoint on one
+    process with twice the accumulation, and the run trains exactly the reference's samples."""
+    out = str(tmp_path)
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic_test",
+               "--max_restarts=3", "--monitor_interval=0.5",
+               "--rdzv_conf=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
+               os.path.join(REPO, "train_ddp.py"), *data_flags(photos, out, epochs=2, save_every_steps=1, **TINY),
+               "--auto_resume"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    survivor = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    time.sleep(1)  # the survivor hosts the rendezvous store
+    lost = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_checkpoint(f"{out}/checkpoints/checkpoint_latest.pth", lambda c: c["epoch"] == 0 and c["step"] >= 2)
+        workers = [int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(lost.pid)]).split()]
+        for pid in workers:  # torchrun's workers run in their own sessions: the node goes down whole
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(lost.pid, signal.SIGKILL)
+        output = survivor.communicate(timeout=180)[0]
+    finally:
+        for job in (survivor, lost):
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert survivor.returncode == 0, output[-3000:]
+    assert "gradient accumulation 2 keeps the global batch at 4 on 1 process(es)" in output
+    assert read_trace(f"{out}/logs") == read_trace(f"{two_process_reference}/logs")
