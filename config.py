@@ -165,6 +165,10 @@ def add_model_flags(model):
     model.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the training model; checkpoints still load into an uncompiled model")
+    model.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
+                       help="start from torchvision's pretrained weights for --model: DEFAULT (the flag alone) or a "
+                            "name such as IMAGENET1K_V1; downloaded once into torch.hub's cache by one process per "
+                            "node (offline: put the file there, the error names it)")
     model.add_argument("--pretrained_weights", default=None, metavar="PATH",
                        help="local weights file to start from; its classification head is kept only "
                             "if it has as many classes as the dataset")
@@ -178,6 +182,11 @@ def add_optimisation_flags(optim):
     optim.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    optim.add_argument("--freeze_backbone_epochs", type=int, default=0,
+                       help="fine-tuning: train only the classification head (the last linear layer) for the "
+                            "first N epochs, backbone weights and batch-norm statistics frozen; then everything")
+    optim.add_argument("--backbone_lr_scale", type=float, default=1.0,
+                       help="fine-tuning: the backbone's learning rate is this times the head's")
     optim.add_argument("--scale_lr", choices=["none", "linear", "sqrt"], default="none",
                        help="scale --learning_rate by the number of processes (linear) or its square root")
     optim.add_argument("--lr_scheduler", choices=["none", "cosine", "step"], default="cosine",
@@ -343,7 +352,9 @@ def validate_args(args):
         raise ConfigError(f"--learning_rate must be in (0, 10], got {args.learning_rate}")
     if not 0 < args.dist_timeout_minutes <= 24 * 60:
         raise ConfigError(f"--dist_timeout_minutes must be in (0, 1440], got {args.dist_timeout_minutes}")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps", "momentum", "overfit_batches",
+    if not 0 < args.backbone_lr_scale <= 1000:
+        raise ConfigError(f"--backbone_lr_scale must be in (0, 1000], got {args.backbone_lr_scale}")
+    for name in ("freeze_backbone_epochs", "weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps", "momentum", "overfit_batches",
                  "limit_train_batches", "limit_val_batches", "num_sanity_val_steps", "early_stopping_patience",
                  "early_stopping_min_delta", "save_top_k"):
         if getattr(args, name) < 0:
@@ -356,6 +367,8 @@ def validate_args(args):
         raise ConfigError("--lr_step_epochs must be at least 1 and --lr_gamma in (0, 1]")
     if not 0 < args.min_crop_scale <= 1:
         raise ConfigError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
+    if args.pretrained and args.pretrained_weights:
+        raise ConfigError("--pretrained and --pretrained_weights both name starting weights; give one of them")
     if not 0 <= args.hflip_prob <= 1:
         raise ConfigError(f"--hflip_prob must be in [0, 1], got {args.hflip_prob}")
     for name in ("checkpoint_dir", "log_dir"):

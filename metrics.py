@@ -1,15 +1,18 @@
-"""What the loop measures: the running sums of a training epoch, and exact distributed evaluation.
+"""What the loop measures: the running sums of a training epoch, exact distributed evaluation
+(loss, top-1 and top-5 accuracy, confusion matrix) and per-class metrics.
 
 Both stay on the device while batches go by (adding to them never waits for the GPU); the host
 reads them at joint checks, log points and the end of an epoch.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dataset import normalize
 from distributed import JointChecks, all_reduce_sum
+from model import last_linear_name
 
 
 class EpochSums:
@@ -76,24 +79,47 @@ def to_model_input(images, device, memory_format):
     return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
-@torch.no_grad()
+@dataclass
+class Evaluation:
+    """One model's exact validation over all ranks."""
+    loss: float
+    acc: float                # top-1 accuracy, %
+    acc5: float | None        # top-5 accuracy, %; None with 5 classes or fewer (it would always be 100)
+    confusion: torch.Tensor   # int64 [true class, predicted class] counts of the evaluated images, on the CPU
+
+    def metrics(self, prefix):
+        """The epoch record's entries: {prefix}loss, {prefix}acc and, with top-5, {prefix}acc5."""
+        values = {f"{prefix}loss": self.loss, f"{prefix}acc": self.acc}
+        if self.acc5 is not None:
+            values[f"{prefix}acc5"] = self.acc5
+        return values
+
+
 def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None, stop=None):
-    """Exact global loss and accuracy. Each rank fills its own samples' slots of dataset-sized
-    vectors (its shard is distributed.validation_shard); the all-reduce adds zeros elsewhere,
-    so every rank ends with the same per-sample values a one-process run computes, summed in the
-    same order. Runs on the unwrapped model on every rank: no collective inside the forward.
-    Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are left out of
-    both sums and the count.
+    """Exact global (loss, accuracy %) of `model` (evaluate_classes); None when stopped."""
+    evaluation = evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batches, stop)
+    return None if evaluation is None else (evaluation.loss, evaluation.acc)
+
+
+@torch.no_grad()
+def evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batches=None, stop=None):
+    """Exact global loss, top-1 and top-5 accuracy and confusion matrix, as an Evaluation. Each
+    rank fills its own samples' slots of dataset-sized vectors (its shard is
+    distributed.validation_shard); the all-reduce adds zeros elsewhere, so every rank ends with
+    the same per-sample values (loss, hits, true and predicted label) a one-process run computes,
+    summed in the same order. Runs on the unwrapped model on every rank: no collective inside the
+    forward. Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are
+    left out of the sums, the count and the confusion matrix.
 
     With `stop` (a StopRequest), the ranks check jointly about every 0.25 s whether to stop, at
     batches every rank reaches (shards differ by one image at most); None when they stop."""
     model.eval()
+    num_classes = model.get_submodule(last_linear_name(model)).out_features
     max_batches = max_batches or args.limit_val_batches or len(loader)
     shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / args.batch_size))
     checks = JointChecks(ctx.device) if stop is not None else None
-    losses = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
-    hits = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
-    evaluated = torch.zeros(dataset_size, device=ctx.device, dtype=torch.float64)
+    # Rows: loss, top-1 hit, top-5 hit, true label, predicted label, evaluated (1) or not (0).
+    per_sample = torch.zeros(6, dataset_size, device=ctx.device, dtype=torch.float64)
     for batch_index, (images, labels, indices, _) in enumerate(loader):
         if batch_index == max_batches:
             break
@@ -105,10 +131,47 @@ def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None,
         indices = indices.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
             logits = model(images)
-        losses[indices] = F.cross_entropy(logits.float(), labels, reduction="none").double()
-        hits[indices] = (logits.argmax(dim=1) == labels).double()
-        evaluated[indices] = 1
-    for tensor in (losses, hits, evaluated):
-        all_reduce_sum(tensor)
+        predicted = logits.argmax(dim=1)
+        top5_hits = (logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]).any(dim=1)
+        columns = (F.cross_entropy(logits.float(), labels, reduction="none"), predicted == labels, top5_hits,
+                   labels, predicted, torch.ones_like(labels))
+        per_sample[:, indices] = torch.stack([column.double() for column in columns])
+    all_reduce_sum(per_sample)  # one collective for all six vectors
+    losses, hits, top5_hits, labels, predicted, evaluated = per_sample
     count = max(evaluated.sum().item(), 1)
-    return losses.sum().item() / count, 100 * hits.sum().item() / count
+    done = evaluated.bool()
+    confusion = confusion_matrix(labels[done].long(), predicted[done].long(), num_classes)
+    return Evaluation(losses.sum().item() / count, 100 * hits.sum().item() / count,
+                      100 * top5_hits.sum().item() / count if num_classes > 5 else None, confusion.cpu())
+
+
+def confusion_matrix(labels, predicted, num_classes):
+    """[true class, predicted class] counts, int64."""
+    pairs = torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+    return pairs.view(num_classes, num_classes)
+
+
+def per_class_metrics(confusion):
+    """Per class (rows: true class, columns: predicted class): its images, the images predicted
+    as it, the correct ones, precision and recall in %. A class's recall is its accuracy (the
+    share of its images predicted correctly). 0/0 counts as 0: the precision of a class never
+    predicted, the recall of a class without images."""
+    confusion = torch.as_tensor(confusion, dtype=torch.int64)
+    metrics = []
+    for images, predicted, correct in zip(confusion.sum(dim=1).tolist(), confusion.sum(dim=0).tolist(),
+                                          confusion.diagonal().tolist()):
+        metrics.append(dict(images=images, predicted=predicted, correct=correct,
+                            precision=100 * correct / predicted if predicted else 0.0,
+                            recall=100 * correct / images if images else 0.0))
+    return metrics
+
+
+def class_report(confusion, class_names, epoch, weights):
+    """The best checkpoint's per-class metrics as plain data (log_dir/best_per_class.json);
+    `weights` says which model was evaluated: "model", or "ema" (the monitored one with an EMA)."""
+    per_class = per_class_metrics(confusion)
+    images = sum(entry["images"] for entry in per_class)
+    correct = sum(entry["correct"] for entry in per_class)
+    return dict(epoch=epoch, weights=weights, images=images, accuracy=100 * correct / images if images else 0.0,
+                class_names=list(class_names), confusion_matrix=torch.as_tensor(confusion).tolist(),
+                per_class=[dict(name=name, **entry) for name, entry in zip(class_names, per_class)])

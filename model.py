@@ -4,6 +4,7 @@
 key names (`conv1.weight`, ..., `fc.weight`) and the seeds' loading snippet works verbatim.
 """
 import os
+import socket
 import warnings
 
 import torch
@@ -34,31 +35,59 @@ def load_weights_file(path):
     return strip_wrapper_prefixes(state)
 
 
-def find_imagenet_resnet18_weights(weights_path=None):
-    """A local ImageNet ResNet-18 weights file: the given path, else torch.hub's cache, else None."""
-    if weights_path:
-        return weights_path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_IMAGENET_FILE)
-    return cached if os.path.isfile(cached) else None
+DOWNLOAD_TIMEOUT_S = 30  # per network operation: an offline node fails fast instead of hanging
+
+
+def pretrained_entry(model_name, weights_name="DEFAULT"):
+    """torchvision's weights entry for `--model NAME --pretrained WEIGHTS` (DEFAULT, or a name such
+    as IMAGENET1K_V1), with its download URL and preprocessing metadata."""
+    try:
+        weights = torchvision.models.get_model_weights(model_name)
+    except (ValueError, KeyError):
+        raise ModelError(f"--model {model_name} has no pretrained weights in torchvision; train it from "
+                         "scratch or pass --pretrained_weights PATH") from None
+    names = [name for name in weights.__members__ if name != "DEFAULT"]
+    if weights_name not in weights.__members__:
+        raise ModelError(f"--pretrained {weights_name}: {model_name}'s weights are DEFAULT ({weights.DEFAULT.name})"
+                         f" or {', '.join(names)}")
+    return weights[weights_name]
+
+
+def pretrained_file(entry, download=True):
+    """The weights file of `entry` in torch.hub's cache, where torchvision itself looks. Missing, it
+    is downloaded there first by torch.hub (to a temporary name, its hash checked, then renamed, so
+    no partial file is ever loaded), or None when `download` is off (ranks waiting for another)."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(entry.url))
+    if os.path.isfile(path) or not download:
+        return path if os.path.isfile(path) else None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    hash_prefix = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(entry.url, path, hash_prefix.group(1) if hash_prefix else None,
+                                       progress=False)
+    except (OSError, RuntimeError, ValueError) as exc:  # no network, a timeout, a hash mismatch
+        reason = getattr(exc, "reason", None) or exc
+        raise ModelError(f"cannot download {entry.url} ({first_line(reason)}); on a machine with network, "
+                         f"fetch that file and put it at {path}, or pass --pretrained_weights PATH") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return path
 
 
 class ResNet18Animals90(ResNet):
     """torchvision ResNet-18 with a `num_classes`-way head.
 
-    `pretrained=True` loads ImageNet weights from `weights_path` or torch.hub's cache; it never
-    downloads, so it cannot hang on a machine without network access.
+    `pretrained=True` starts from torchvision's ImageNet weights (IMAGENET1K_V1): from
+    `weights_path` if given, else from torch.hub's cache, downloaded there once if missing. Without
+    network the error names the file to fetch and where to put it.
     """
 
     def __init__(self, num_classes=90, pretrained=False, weights_path=None):
         super().__init__(BasicBlock, [2, 2, 2, 2])
         if pretrained:
-            path = find_imagenet_resnet18_weights(weights_path)
-            if path is None:
-                raise ModelError(
-                    "pretrained=True needs ImageNet ResNet-18 weights, and none were found "
-                    f"locally; download {RESNET18_IMAGENET_FILE} on a connected machine and pass "
-                    f"its path (--pretrained_weights PATH), or put it in "
-                    f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+            path = weights_path or pretrained_file(pretrained_entry("resnet18", "IMAGENET1K_V1"))
             load_backbone_weights(self, load_weights_file(path), path)
         self.fc = nn.Linear(self.fc.in_features, num_classes)
 

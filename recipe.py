@@ -12,14 +12,26 @@ def scaled_learning_rate(args, world_size):
     return args.learning_rate * factor
 
 
-def build_optimizer(model, args, learning_rate):
+def build_optimizer(model, args, learning_rate, head=None):
     """Fused implementations: faster, and they skip an update on the device when told the
     gradients are not finite (`found_inf`), so the loop needs no host sync to do it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(model, head, args.backbone_lr_scale, learning_rate)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=learning_rate, momentum=args.momentum,
                                weight_decay=args.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=args.weight_decay, fused=True)
+
+
+def parameter_groups(model, head, backbone_lr_scale, learning_rate):
+    """The trainable parameters; with --backbone_lr_scale F two groups: the `head` module's (the
+    classification layer) at the learning rate, then the backbone's at F times it (the schedule
+    scales both)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if backbone_lr_scale == 1.0:
+        return params
+    head_parameters = set(head.parameters())
+    return [{"params": [p for p in params if p in head_parameters]},
+            {"params": [p for p in params if p not in head_parameters], "lr": learning_rate * backbone_lr_scale}]
 
 
 def build_scheduler(optimizer, args, steps_per_epoch, total_steps=None):

@@ -12,8 +12,8 @@ section has the same contract as a table.
   last epoch).
 - Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...).
 - Refused unless the part is explicitly started afresh: another optimizer (--reset_optimizer),
-  another schedule or peak rate (--reset_lr_schedule), another monitored metric (--reset_best),
-  another seed in the middle of an epoch, another global batch.
+  another schedule or peak rate (--reset_lr_schedule), another --backbone_lr_scale (both), another
+  monitored metric (--reset_best), another seed in the middle of an epoch, another global batch.
 """
 from errors import ConfigError
 from recipe import restart_scheduler
@@ -28,7 +28,7 @@ RESETTABLE = {  # flag whose change needs the reset, the part it restarts, and w
     "lr_gamma": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
     "monitor_metric": ("reset_best", "best", "forget the best value, top-k and early-stopping count"),
 }
-APPLIED = ("weight_decay", "momentum", "max_grad_norm", "label_smoothing", "use_ema", "ema_decay", "use_amp",
+APPLIED = ("freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing", "use_ema", "ema_decay", "use_amp",
            "amp_dtype", "image_size", "min_crop_scale", "hflip_prob", "no_augmentation", "seed",
            "early_stopping_patience", "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
 
@@ -45,6 +45,11 @@ def plan_resume(checkpoint, path, args, world_size):
                 f"{path} was trained with --{flag} {saved[flag]}, this run asks for --{flag} "
                 f"{getattr(args, flag)}: pass --{flag} {saved[flag]} to continue it, or add --{reset_flag} to "
                 f"{effect}")
+    if saved.get("backbone_lr_scale", 1.0) != args.backbone_lr_scale and not {"optimizer", "lr_schedule"} <= reset:
+        raise ConfigError(f"{path} was trained with --backbone_lr_scale {saved.get('backbone_lr_scale', 1.0)}, this "
+                          f"run asks for {args.backbone_lr_scale}, which regroups the optimizer's parameters: pass "
+                          f"--backbone_lr_scale {saved.get('backbone_lr_scale', 1.0)} to continue it, or add "
+                          "--reset_optimizer --reset_lr_schedule to start both afresh")
     if checkpoint.get("samples_done") and saved.get("seed", args.seed) != args.seed:
         raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
                           f"comes from --seed {saved['seed']}: pass --seed {saved['seed']} (a new seed applies "

@@ -26,9 +26,9 @@ from config import parse_args
 from distributed import (Stopped, StopRequest, broadcast_buffers, gather_from_ranks, is_peer_loss, main_print,
                          report_to_torchrun, setup_distributed, teardown_distributed)
 from errors import USER_ERRORS, ConfigError, TrainingError
-from metrics import EpochSums, evaluate, to_model_input
+from metrics import EpochSums, class_report, evaluate, evaluate_classes, to_model_input
 from resume import plan_resume, restart_parts
-from training import build_data, build_training
+from training import build_data, build_training, enter_epoch
 from utils import write_json_atomic
 
 
@@ -73,7 +73,8 @@ def train(args, ctx, stop):
     resume_path, checkpoint = find_checkpoint_to_resume(args, data.class_names)
     reset, changes = plan_resume(checkpoint, resume_path, args, ctx.world_size) if checkpoint else (set(), [])
     args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
-    training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop)
+    training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop,
+                              resuming=checkpoint is not None)
     state = RunState.restore(checkpoint, training, ctx.rank, reset) if checkpoint else RunState()
     if checkpoint:
         restart_parts(training, state, reset, args)
@@ -92,7 +93,7 @@ def train(args, ctx, stop):
     for epoch in range(state.epoch + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
         sums = train_one_epoch(training, data, epoch, state, args, ctx)
-        record = validate(training, data, epoch, sums, args, ctx) if sums is not None else None
+        record, confusion = validate(training, data, epoch, sums, args, ctx) if sums is not None else (None, None)
         if record is None:  # stopped by a signal, in training or validation: the steps trained are saved
             if sums is not None:
                 save(training, state, data, ["checkpoint_latest.pth"], args, ctx, sums)
@@ -106,7 +107,7 @@ def train(args, ctx, stop):
         names, dropped = state.end_epoch(record, monitored, args)
         main_print(ctx, describe_epoch(record, state, args))
         save(training, state, data, names, args, ctx)
-        finish_epoch_files(state, dropped, args, ctx)
+        finish_epoch_files(state, names, dropped, confusion, data.class_names, args, ctx)
         log_epoch(training.logger, record, epoch * training.steps_per_epoch)
         if state.should_stop_early(args):
             main_print(ctx, f"Early stopping: {args.monitor_metric} has not improved by more than "
@@ -144,7 +145,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
     at the ranks' joint checks (training.checks). Returns the epoch's running sums, or None when
     stopped by a signal (after a mid-epoch checkpoint).
     """
-    training.model.train()
+    enter_epoch(training, epoch, args, ctx)
     sampler, accumulation = data.train_loader.sampler, args.gradient_accumulation_steps
     state.epoch_samples = state.epoch_samples or training.batches_per_epoch * sampler.row  # kept across resumes
     sampler.set_epoch(epoch, start=state.samples_done, end=state.epoch_samples)
@@ -262,21 +263,23 @@ def stop_now(training, sums, epoch, update, args, ctx):
 
 
 def validate(training, data, epoch, sums, args, ctx):
-    """The epoch's record: its training metrics and exact validation of the model (and the EMA);
-    None when the ranks stop on a signal meanwhile (the epoch's training is then saved as done)."""
+    """(record, confusion): the epoch's record, its training metrics and exact validation of the
+    model (and the EMA), top-5 included with more than 5 classes; and the confusion matrix of the
+    monitored model (the EMA when there is one, as for best). (None, None) when the ranks stop on
+    a signal meanwhile (the epoch's training is then saved as done)."""
     model = unwrap(training.model)
     broadcast_buffers(model)  # evaluate and save the statistics rank 0 saves
-    evaluated = [evaluate(model, data.val_loader, data.val_size, training, args, ctx, stop=training.stop)]
+    evaluated = [evaluate_classes(model, data.val_loader, data.val_size, training, args, ctx, stop=training.stop)]
     if training.ema is not None and evaluated[0] is not None:
         broadcast_buffers(training.ema.module)  # each rank averaged its own batch statistics
-        evaluated.append(evaluate(training.ema.module, data.val_loader, data.val_size, training, args, ctx,
-                                  stop=training.stop))
+        evaluated.append(evaluate_classes(training.ema.module, data.val_loader, data.val_size, training, args, ctx,
+                                          stop=training.stop))
     if None in evaluated:
-        return None
-    record = dict(epoch=epoch, **sums.epoch_totals(), val_loss=evaluated[0][0], val_acc=evaluated[0][1])
+        return None, None
+    record = dict(epoch=epoch, **sums.epoch_totals(), **evaluated[0].metrics("val_"))
     if training.ema is not None:
-        record["ema_val_loss"], record["ema_val_acc"] = evaluated[1]
-    return record
+        record.update(evaluated[1].metrics("ema_val_"))
+    return record, evaluated[-1].confusion
 
 
 def save(training, state, data, names, args, ctx, sums=None):
@@ -289,21 +292,26 @@ def save(training, state, data, names, args, ctx, sums=None):
         write_checkpoints(checkpoint, args.checkpoint_dir, names)
 
 
-def finish_epoch_files(state, dropped_top_k, args, ctx):
-    """Rank 0: delete the checkpoints that left the top k; rewrite the history file."""
+def finish_epoch_files(state, names, dropped_top_k, confusion, class_names, args, ctx):
+    """Rank 0: delete the checkpoints that left the top k; rewrite the history file; with a new
+    checkpoint_best.pth, write its per-class metrics and confusion matrix (the monitored model's)."""
     if not ctx.is_main or args.fast_dev_run:
         return
     for old_epoch in dropped_top_k:
         remove_quietly(os.path.join(args.checkpoint_dir, top_k_filename(old_epoch)))
     write_json_atomic(os.path.join(args.log_dir, "training_history.json"), state.history)
+    if "checkpoint_best.pth" in names:
+        report = class_report(confusion, class_names, state.epoch, "ema" if args.use_ema else "model")
+        write_json_atomic(os.path.join(args.log_dir, "best_per_class.json"), report)
 
 
 def log_epoch(logger, record, global_step):
     metrics = {"epoch": record["epoch"], "train/epoch_loss": record["train_loss"],
                "train/epoch_acc": record["train_acc"], "train/samples_per_second": record["samples_per_second"],
                "val/loss": record["val_loss"], "val/acc": record["val_acc"]}
-    if "ema_val_loss" in record:
-        metrics.update({"val/ema_loss": record["ema_val_loss"], "val/ema_acc": record["ema_val_acc"]})
+    optional = {"val_acc5": "val/acc5", "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc",
+                "ema_val_acc5": "val/ema_acc5"}  # top-5 with more than 5 classes; the EMA's with --use_ema
+    metrics.update({name: record[key] for key, name in optional.items() if key in record})
     logger.log(metrics, step=global_step)
 
 
@@ -325,8 +333,11 @@ def describe_setup(data, training, args, ctx):
 def describe_epoch(record, state, args):
     line = (f"Epoch {record['epoch']}/{args.epochs} | train loss {record['train_loss']:.4f} "
             f"acc {record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% ")
+    if "val_acc5" in record:
+        line += f"top-5 {record['val_acc5']:.2f}% "
     if "ema_val_acc" in record:
-        line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%) "
+        top5 = f", top-5 {record['ema_val_acc5']:.2f}%" if "ema_val_acc5" in record else ""
+        line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%{top5}) "
     line += (f"| best {args.monitor_metric} {state.best_metric:.4g} | lr {record['learning_rate']:.2e} | "
              f"{record['epoch_seconds']:.1f} s, {record['samples_per_second']:.0f} img/s")
     if record["nonfinite_steps"]:

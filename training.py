@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dataset import build_datasets, build_loaders, prepare_digits_demo
-from distributed import JointChecks, StopRequest, main_print
+from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, eval_resize_size, prepare_digits_demo
+from distributed import JointChecks, StopRequest, gather_from_ranks, main_print
+from errors import ModelError
 from image_cache import build_cached_loaders
 from loggers import RunLogger
-from model import build_model, check_image_size
+from checkpoint import unwrap
+from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file
 from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 from sampling import SampleTrace
 
@@ -46,6 +48,7 @@ class Training:
     stop: StopRequest
     checks: JointChecks
     trace: SampleTrace | None       # --trace_samples
+    backbone_frozen: bool = False   # --freeze_backbone_epochs: set by enter_epoch
 
 
 def build_data(args, ctx):
@@ -64,12 +67,14 @@ def build_data(args, ctx):
     return Data(train_loader, val_loader, class_names, len(train_set), len(val_set))
 
 
-def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None):
+def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None, resuming=False):
     """Model (on the device, DDP- and compile-wrapped as asked), optimizer, schedule, scaler and EMA.
 
-    Everything is built before any checkpoint is restored into it (RunState.restore)."""
+    Everything is built before any checkpoint is restored into it (RunState.restore); a run that
+    resumes does not fetch starting weights (the checkpoint's replace them)."""
+    weights = None if resuming else starting_weights(args, ctx)
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(args.model, num_classes, args.pretrained_weights)
+    model = build_model(args.model, num_classes, weights)
     if args.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif args.sync_bn:
@@ -78,24 +83,83 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     learning_rate = scaled_learning_rate(args, ctx.world_size)
-    optimizer = build_optimizer(model, args, learning_rate)
+    optimizer = build_optimizer(model, args, learning_rate, head=model.get_submodule(last_linear_name(model)))
     amp_dtype = getattr(torch, args.amp_dtype)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.use_amp and amp_dtype == torch.float16)
     batches_per_epoch = min(batches_in_loader, args.limit_train_batches or batches_in_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     ema = build_ema(model, args.ema_decay) if args.use_ema else None
-    if ctx.distributed:
-        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=args.find_unused_parameters, gradient_as_bucket_view=True)
-    if args.compile:
-        model = torch.compile(model)
+    model = wrap(model, args, ctx)
     if args.use_amp and amp_dtype == torch.bfloat16 and ctx.device.type == "cpu" and ctx.is_main:
         warn_slow_cpu_bf16()
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
                     JointChecks(ctx.device), trace)
+
+
+def wrap(model, args, ctx):
+    """The model as it trains: DDP across processes (it syncs the parameters that require gradients
+    when it is built), then torch.compile if asked."""
+    if ctx.distributed:
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    find_unused_parameters=args.find_unused_parameters, gradient_as_bucket_view=True)
+    return torch.compile(model) if args.compile else model
+
+
+def enter_epoch(training, epoch, args, ctx):
+    """Training mode for `epoch`. During the first --freeze_backbone_epochs epochs only the head
+    trains: the backbone's parameters take no gradient and its batch-norm statistics and dropout
+    are frozen too (eval mode). When freezing starts or ends the model is wrapped anew, so DDP
+    syncs exactly the parameters that train (no hang, no unsynced gradient)."""
+    frozen = epoch <= args.freeze_backbone_epochs
+    model = unwrap(training.model)
+    head = model.get_submodule(last_linear_name(model))
+    if frozen != training.backbone_frozen:
+        head_parameters = set(head.parameters())
+        for parameter in model.parameters():
+            parameter.requires_grad_(not frozen or parameter in head_parameters)
+        training.model, training.backbone_frozen = wrap(model, args, ctx), frozen
+    training.model.train()
+    if frozen:
+        model.eval()
+        head.train()
+
+
+def starting_weights(args, ctx):
+    """--pretrained_weights, or the file of --pretrained: downloaded once per node, by its local
+    rank 0, while the node's other ranks wait; a failure on any node is every rank's one line."""
+    if not args.pretrained:
+        return args.pretrained_weights
+    entry = pretrained_entry(args.model, args.pretrained)
+    note_preprocessing(entry, args, ctx)
+    error = None
+    if ctx.local_rank == 0:
+        try:
+            pretrained_file(entry)
+        except ModelError as exc:
+            error = str(exc)
+    failures = [failure for failure in gather_from_ranks(error) if failure]  # everyone waits for the downloads
+    if failures:
+        raise ModelError(failures[0])
+    return pretrained_file(entry, download=False)
+
+
+def note_preprocessing(entry, args, ctx):
+    """Say so when the run's evaluation transform differs from the one the weights were trained
+    with (their crop and resize sizes, mean and std): never silently another input."""
+    transforms = entry.transforms()
+    theirs = (transforms.crop_size[0], transforms.resize_size[0], tuple(transforms.mean), tuple(transforms.std))
+    ours = (args.image_size, eval_resize_size(args.image_size), IMAGENET_MEAN, IMAGENET_STD)
+    if not all(math.isclose(a, b) for a, b in zip(flatten(theirs), flatten(ours))):
+        main_print(ctx, f"Note: {entry} was trained on {theirs[0]} px crops of images resized to {theirs[1]} px "
+                        f"(mean {list(theirs[2])}, std {list(theirs[3])}); this run uses {ours[0]} px crops of "
+                        f"{ours[1]} px with ImageNet's mean and std (--image_size {theirs[0]} matches its crop)")
+
+
+def flatten(values):
+    return [x for value in values for x in (value if isinstance(value, tuple) else (value,))]
 
 
 def warn_slow_cpu_bf16():

@@ -1,6 +1,8 @@
-"""The run's logs: the per-epoch training history, its JSON files and its plot.
+"""The run's logs: the per-epoch training history, its JSON files and their plots.
 
-`python utils.py --history logs/training_history.json --output curves.png` draws the curves.
+`python utils.py --history logs/training_history.json --output curves.png` draws the curves;
+`python utils.py --confusion logs/best_per_class.json --output confusion.png` draws the best
+checkpoint's confusion matrix.
 """
 import argparse
 import json
@@ -31,7 +33,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lear
 
 
 def append_history(history, record):
-    """Add one epoch's values; optional metrics (the EMA's) get their own lists."""
+    """Add one epoch's values; optional metrics (the EMA's, top-5 accuracy) get their own lists."""
     missing = [key for key in HISTORY_KEYS if key not in record]
     if missing:
         raise KeyError(f"history record lacks {missing}")
@@ -49,13 +51,16 @@ def plot_history(history, output):
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (axes[0, 0], "Loss", [("train_loss", "train"), ("val_loss", "val")]),
-        (axes[0, 1], "Accuracy (%)", [("train_acc", "train"), ("val_acc", "val")]),
+        (axes[0, 1], "Accuracy (%)", [("train_acc", "train"), ("val_acc", "val"), ("val_acc5", "val top-5")]),
         (axes[1, 0], "Learning rate", [("learning_rate", "lr")]),
         (axes[1, 1], "Training samples/s", [("samples_per_second", "all ranks")]),
     ]
     for ax, title, series in panels:
         for key, label in series:
-            ax.plot(epochs, history[key], marker="o", label=label)
+            if key not in history:  # top-5: only with more than 5 classes
+                continue
+            values = history[key]  # an optional metric may start later: a run resumed from an older version
+            ax.plot(epochs[len(epochs) - len(values):], values, marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -65,11 +70,66 @@ def plot_history(history, output):
     plt.close(fig)
 
 
+def read_confusion(path):
+    """(class names, confusion matrix as floats, epoch) of a best_per_class.json; ValueError
+    says what is wrong with it."""
+    import numpy as np
+
+    with open(path) as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or not isinstance(report.get("class_names"), list):
+        raise ValueError("expected a JSON object with class_names and confusion_matrix")
+    names = report["class_names"]
+    try:
+        counts = np.asarray(report.get("confusion_matrix"), dtype=float)
+    except TypeError as exc:  # numpy says ValueError for some malformed matrices, TypeError for others
+        raise ValueError(str(exc)) from None
+    if counts.shape != (len(names), len(names)) or not names or not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"confusion_matrix must be {len(names)} x {len(names)} non-negative counts, a row "
+                         f"and a column per class name")
+    return names, counts, report.get("epoch")
+
+
+def plot_confusion(names, counts, epoch, output):
+    """Rows normalised to shares of each true class's images; readable up to ~100 classes: small
+    tick labels, a colour bar, per-cell counts only for a few classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(names)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)  # no images: a blank row
+    side = min(max(6.0, 3 + 0.13 * n), 20.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class's images")
+    fontsize = min(10.0, max(5.0, 600 / n))  # about one row high: 90 classes get 6.7 pt
+    ax.set_xticks(range(n), [str(name) for name in names], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), [str(name) for name in names], fontsize=fontsize)
+    if n <= 20:
+        for (row, column), count in np.ndenumerate(counts):
+            ax.text(column, row, f"{count:g}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if shares[row, column] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    at_epoch = f" (epoch {epoch})" if epoch is not None else ""
+    ax.set_title(f"Confusion matrix of the best checkpoint{at_epoch}, rows normalised")
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot a training history written by train_ddp.py.")
+    parser = argparse.ArgumentParser(description="Plot a training history, or the best checkpoint's confusion "
+                                                 "matrix, written by train_ddp.py.")
     parser.add_argument("--history", default="logs/training_history.json", help="history JSON file")
-    parser.add_argument("--output", default="curves.png", help="PNG file to write")
+    parser.add_argument("--confusion", help="draw this per-class JSON (logs/best_per_class.json) instead")
+    parser.add_argument("--output", help="PNG file to write (default curves.png, or confusion.png with --confusion)")
     args = parser.parse_args(argv)
+    if args.confusion:
+        return draw_confusion(args.confusion, args.output or "confusion.png")
     try:
         with open(args.history) as f:
             history = json.load(f)
@@ -81,8 +141,20 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print(f"error: cannot read history {args.history}: {exc}", file=sys.stderr)
         return 2
-    plot_history(history, args.output)
-    print(f"wrote {args.output} ({len(history['epoch'])} epochs)")
+    output = args.output or "curves.png"
+    plot_history(history, output)
+    print(f"wrote {output} ({len(history['epoch'])} epochs)")
+    return 0
+
+
+def draw_confusion(path, output):
+    try:
+        names, counts, epoch = read_confusion(path)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read confusion matrix {path}: {exc}", file=sys.stderr)
+        return 2
+    plot_confusion(names, counts, epoch, output)
+    print(f"wrote {output} ({len(names)} classes)")
     return 0
 
 

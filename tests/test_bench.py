@@ -165,3 +165,11 @@ def test_bench_joint_checks(tmp_path):
     assert all(row[0] == "tiny_cnn 32px b16 x 2 processes" and number(row[2]) > 0 and number(row[3]) > 0
                for row in rows)
     assert number(rows[0][4]) == 1.0
+
+
+def test_bench_finetune(tmp_path):
+    run_bench("finetune.py", "--results_dir", str(tmp_path))
+    rows = table(report(tmp_path, "finetune"), "configuration")
+    assert [row[0] for row in rows] == ["full training", "frozen backbone", "AMP bfloat16", "frozen + AMP bfloat16"]
+    assert all(number(row[1]) > 0 and number(row[4]) > 100 for row in rows)  # images/s, peak RSS in MiB
+    assert number(rows[0][2]) == 1.0 and number(rows[0][5]) == 1.0

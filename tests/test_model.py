@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import model as model_module
 from config import SMALLEST_IMAGE_SIZE
 from conftest import data_flags, run_cli, train_cmd
 from model import (RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model, check_image_size,
@@ -60,16 +61,17 @@ def test_resnet18_animals90_has_torchvisions_keys_and_a_90_way_head():
     assert model(x).shape == (2, 90)
 
 
-def test_resnet18_pretrained_without_local_weights_is_a_clear_error_not_a_download(monkeypatch, tmp_path,
-                                                                                    no_network):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+def test_resnet18_pretrained_offline_is_one_clear_error_naming_the_file_and_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache; a real download attempt
     start = time.perf_counter()
     with pytest.raises(ModelError) as error:
         ResNet18Animals90(num_classes=90, pretrained=True)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < model_module.DOWNLOAD_TIMEOUT_S + 5
     message = str(error.value)
     assert "--pretrained_weights" in message and RESNET18_IMAGENET_FILE in message
-    assert os.path.join(str(tmp_path), "checkpoints") in message
+    assert os.path.join(str(tmp_path), "checkpoints", RESNET18_IMAGENET_FILE) in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert os.listdir(tmp_path / "checkpoints") == []  # no partial file left
 
 
 def test_resnet18_pretrained_loads_every_backbone_weight_and_a_fresh_head(imagenet_like_weights, no_network):

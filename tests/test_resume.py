@@ -66,6 +66,8 @@ def copy_run(source, target):
      dict(reset_lr_schedule=True)),
     (dict(monitor_metric="val_loss"), "was trained with --monitor_metric val_acc, this run asks for "
                                       "--monitor_metric val_loss", dict(reset_best=True)),
+    (dict(backbone_lr_scale=0.1), "was trained with --backbone_lr_scale 1.0, this run asks for 0.1",
+     dict(reset_optimizer=True, reset_lr_schedule=True)),
 ])
 def test_a_change_that_cannot_continue_is_refused_in_one_line_naming_the_way_out(
         tiny_data_module, finished_run, tmp_path, capsys, flags, refusal, way_out):

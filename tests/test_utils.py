@@ -58,12 +58,13 @@ def test_plot_cli_writes_a_png_of_the_curves(tmp_path):
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
 
 
-def test_plot_cli_missing_history_exits_2_with_one_error_line(tmp_path):
-    result = run_cli(plot_cmd("--history", tmp_path / "none.json", "--output", tmp_path / "c.png"),
+@pytest.mark.parametrize("flag, what", [("--history", "history"), ("--confusion", "confusion matrix")])
+def test_plot_cli_missing_input_exits_2_with_one_error_line(tmp_path, flag, what):
+    result = run_cli(plot_cmd(flag, tmp_path / "none.json", "--output", tmp_path / "c.png"),
                      cwd=str(tmp_path), check=False)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"error: cannot read history {tmp_path}/none.json: [Errno 2] No such file or directory: "
+        f"error: cannot read {what} {tmp_path}/none.json: [Errno 2] No such file or directory: "
         f"'{tmp_path}/none.json'"]
     assert not (tmp_path / "c.png").exists()
 
@@ -77,12 +78,17 @@ def test_plot_cli_missing_history_exits_2_with_one_error_line(tmp_path):
     ("", "Expecting value"),
 ])
 def test_plot_invalid_history_exits_2_with_one_error_line(tmp_path, capsys, content, reason):
-    history_path = tmp_path / "history.json"
-    history_path.write_text(content)
-    code = utils.main(["--history", str(history_path), "--output", str(tmp_path / "c.png")])
+    assert_plot_refuses(tmp_path, capsys, "--history", "history", content, reason)
+
+
+def assert_plot_refuses(tmp_path, capsys, flag, what, content, reason):
+    """utils.py given `content` after `flag`: exit 2, one `error: cannot read {what} ...` line, no PNG."""
+    path = tmp_path / "input.json"
+    path.write_text(content)
+    code = utils.main([flag, str(path), "--output", str(tmp_path / "c.png")])
     err = capsys.readouterr().err
     assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot read history {history_path}: ")
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot read {what} {path}: ")
     assert reason in err
     assert not (tmp_path / "c.png").exists()
 
@@ -109,3 +115,64 @@ def test_write_json_atomic_failure_keeps_the_previous_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"epoch": [object()]})  # not JSON-serialisable
     assert json.load(open(path)) == {"epoch": [1]}
+
+
+# ------------------------------------------------------------------ confusion-matrix plot CLI
+
+def ninety_class_report():
+    """A synthetic best_per_class.json: 90 classes, mostly right, some confused with a neighbour."""
+    rng = np.random.RandomState(0)
+    confusion = np.diag(rng.randint(5, 20, size=90)) + np.eye(90, k=1, dtype=int) * rng.randint(0, 6, size=90)
+    names = [f"animal_{k:02d}_with_a_long_name" for k in range(90)]
+    return dict(epoch=7, weights="model", class_names=names, confusion_matrix=confusion.tolist())
+
+
+def test_confusion_cli_draws_90_classes_as_a_readable_png(tmp_path):
+    report_path = tmp_path / "best_per_class.json"
+    report_path.write_text(json.dumps(ninety_class_report()))
+    output = tmp_path / "confusion.png"
+    result = run_cli(plot_cmd("--confusion", report_path, "--output", output), cwd=str(tmp_path))
+    assert result.stdout.strip() == f"wrote {output} (90 classes)"
+    with Image.open(output) as image:
+        assert image.format == "PNG"
+        assert image.size == (1620, 1470)  # figsize (16.2, 14.7) at 100 dpi: 90 rows of about 11 pixels
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # a colour scale, text and the matrix: not blank
+    assert output.stat().st_size > 20_000
+
+
+def test_confusion_cli_without_output_writes_confusion_png_and_keeps_curves_png_for_history(tmp_path):
+    (tmp_path / "best_per_class.json").write_text(json.dumps(
+        dict(epoch=1, class_names=["cat", "dog"], confusion_matrix=[[3, 1], [0, 0]])))  # dog: no images
+    (tmp_path / "training_history.json").write_text(json.dumps(three_epoch_history()))
+    run_cli(plot_cmd("--confusion", "best_per_class.json"), cwd=str(tmp_path))
+    run_cli(plot_cmd("--history", "training_history.json"), cwd=str(tmp_path))
+    assert (tmp_path / "confusion.png").stat().st_size > 1000 and (tmp_path / "curves.png").stat().st_size > 1000
+
+
+MALFORMED_REPORTS = {  # what is wrong: the file's content
+    "Expecting property name": "{not json",
+    "expected a JSON object with class_names": "[[1, 0], [0, 1]]",
+    "expected a JSON object with class_names and": '{"class_names": "ab", "confusion_matrix": [[1]]}',
+    "must be 2 x 2 non-negative counts": '{"class_names": ["a", "b"]}',
+    "inhomogeneous": '{"class_names": ["a", "b"], "confusion_matrix": [[1, 0], [0]]}',
+    "must be 2 x 2": '{"class_names": ["a", "b"], "confusion_matrix": [[1, 0, 0], [0, 1, 0]]}',
+    "must be 1 x 1 non-negative counts": '{"class_names": ["a"], "confusion_matrix": [[-1]]}',
+    "must be 1 x 1": '{"class_names": ["a"], "confusion_matrix": [[null]]}',
+    "could not convert string to float": '{"class_names": ["a"], "confusion_matrix": [["x"]]}',
+    "float() argument must be": '{"class_names": ["a"], "confusion_matrix": [[{}]]}',
+    "must be 0 x 0": '{"class_names": [], "confusion_matrix": []}',
+}
+
+
+@pytest.mark.parametrize("reason, content", MALFORMED_REPORTS.items())
+def test_confusion_cli_malformed_json_exits_2_with_one_error_line(tmp_path, capsys, reason, content):
+    assert_plot_refuses(tmp_path, capsys, "--confusion", "confusion matrix", content, reason)
+
+
+def test_plot_cli_draws_top5_even_when_it_starts_later_than_the_history(tmp_path):
+    history = three_epoch_history()
+    history["val_acc5"] = [90.0, 95.0]  # resumed at epoch 2 from a checkpoint of a version without top-5
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    result = run_cli(plot_cmd("--history", "history.json"), cwd=str(tmp_path))
+    assert result.stdout.strip() == "wrote curves.png (3 epochs)" and (tmp_path / "curves.png").stat().st_size > 1000

@@ -1,0 +1,172 @@
+"""Export a training checkpoint's model to ONNX or TorchScript, with its classes and preprocessing.
+
+    python export.py --checkpoint checkpoints/checkpoint_best.pth --format onnx [--output F] [--weights ema]
+
+The exported model takes uint8 RGB images, NCHW, any batch size, already resized (shorter side to
+`resize_size`) and center-cropped to `image_size` x `image_size`, and returns float32 logits in
+`class_names` order. The ImageNet normalisation (dataset.normalize) is inside the graph: a
+deployment only decodes, resizes and crops, and cannot get the mean/std, the channel order or the
+0-255 vs 0-1 scale wrong; uint8 input is also a quarter of float32's size. The same batch fed to
+the checkpoint's PyTorch model after dataset.normalize gives the same logits.
+
+Metadata (class_names, model_name, weights, image_size, resize_size, mean, std, input, output)
+goes into the file itself, in ONNX's metadata_props (each value JSON-encoded) or TorchScript's
+extra file `metadata.json`, and into a sidecar `<output>.json`. Both files are written under
+temporary names and renamed, so a failed export leaves no partial file.
+
+ONNX uses torch's default (dynamo) exporter, which needs the `onnx` and `onnxscript` packages
+(requirements-dev.txt). TorchScript uses torch.jit.trace: torch deprecates TorchScript, but it
+still loads with a bare `torch.jit.load` and no project code.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import torch
+
+from checkpoint import first_line, load_checkpoint
+from dataset import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size, normalization_constants
+from errors import CheckpointError, ModelError
+from predict import Parser, UsageError, load_model
+
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+TORCHSCRIPT_METADATA_FILE = "metadata.json"
+# Batch sizes of the example input and of the check that the batch dimension stayed dynamic. Not 1:
+# torch.export specialises a dimension of size 1 to a constant.
+EXPORT_BATCH, CHECK_BATCH = 2, 3
+
+
+class NormalizingClassifier(torch.nn.Module):
+    """uint8 NCHW images in, logits out: training's own normalisation, then the classifier."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        # dataset.normalize's constants as buffers, taken eagerly: calling normalize inside the export
+        # would fill its lru_cache with the exporter's fake tensors.
+        scale, shift = normalization_constants(torch.device("cpu"), torch.float32)
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", shift.clone())
+
+    def forward(self, images):
+        return self.model(torch.addcmul(self.shift, images.to(torch.float32), self.scale))  # = normalize(images)
+
+
+def build_parser():
+    parser = Parser(description="Export a training checkpoint's model to ONNX or TorchScript, "
+                                "with its class names and preprocessing.", allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_ddp.py")
+    parser.add_argument("--format", required=True, choices=tuple(SUFFIXES))
+    parser.add_argument("--output", default=None,
+                        help="the exported file (default: next to the checkpoint, <checkpoint name>.onnx or .pt); "
+                             "its metadata also goes to <output>.json")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="the trained weights, or their exponential moving average (--use_ema runs)")
+    return parser
+
+
+def default_output(checkpoint_path, export_format):
+    return os.path.splitext(checkpoint_path)[0] + SUFFIXES[export_format]
+
+
+def export_metadata(checkpoint, weights):
+    """What a deployment needs besides the graph: the label names and the preprocessing."""
+    image_size = checkpoint["config"].get("image_size", 224)
+    return dict(
+        class_names=list(checkpoint["class_names"]),
+        model_name=checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18"),
+        weights=weights, image_size=image_size, resize_size=eval_resize_size(image_size),
+        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+        input=f"uint8 RGB, NCHW, N x 3 x {image_size} x {image_size}: the shorter side resized to resize_size, "
+              "then center-cropped; mean/std are applied inside the model (on 0-1 scaled pixels)",
+        output="float32 logits, N x len(class_names), in class_names order")
+
+
+def example_images(image_size, batch):
+    return torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def write_onnx(model, images, metadata, path):
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:  # torch's exporter would fail with an ImportError deep inside
+        raise UsageError(f"--format onnx needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.onnx.export(model, (images,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
+    except Exception as exc:  # e.g. data-dependent control flow that torch.export cannot capture
+        raise ModelError(f"'{metadata['model_name']}' cannot be exported to ONNX: {first_line(exc)}") from None
+    program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
+    program.save(path, external_data=False)  # one self-contained file (models under ONNX's 2 GB limit)
+
+
+def write_torchscript(model, images, metadata, path):
+    with warnings.catch_warnings():
+        # torch.jit's deprecation notices: TorchScript is what --format torchscript asks for.
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+        try:
+            traced = torch.jit.trace(model, images)
+        except Exception as exc:
+            raise ModelError(f"'{metadata['model_name']}' cannot be traced to TorchScript: {first_line(exc)}") from None
+        check_images = example_images(metadata["image_size"], CHECK_BATCH)
+        # Tracing freezes Python control flow and shapes silently: another batch size must still agree.
+        if not torch.allclose(traced(check_images), model(check_images), rtol=1e-4, atol=1e-4):
+            raise ModelError(f"'{metadata['model_name']}' cannot be exported to TorchScript: the traced model "
+                             "disagrees with the model on another batch size (control flow depends on the input)")
+        torch.jit.save(traced, path, _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+
+
+WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript}
+
+
+def export(checkpoint, export_format, weights, output):
+    """Write the exported model to `output` and its metadata to `output`.json. Both are written in a
+    temporary folder beside `output` (an unwritable place fails before the export) and renamed into
+    place, so a failure leaves no partial file."""
+    if weights == "ema" and "ema_state_dict" not in checkpoint:
+        raise CheckpointError("--weights ema: the checkpoint has no EMA weights (it was trained without "
+                              "--use_ema); use --weights model")
+    metadata = export_metadata(checkpoint, weights)
+    model = NormalizingClassifier(load_model(checkpoint, weights, torch.device("cpu"))).eval()
+    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        staged_model = os.path.join(staging, "model")
+        staged_metadata = os.path.join(staging, "metadata.json")
+        with torch.no_grad():
+            WRITERS[export_format](model, example_images(metadata["image_size"], EXPORT_BATCH), metadata,
+                                   staged_model)
+        with open(staged_metadata, "w") as f:
+            json.dump(metadata, f, indent=1)
+        os.replace(staged_model, output)
+        os.replace(staged_metadata, output + ".json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        output = args.output or default_output(args.checkpoint, args.format)
+        if os.path.isdir(output):
+            raise UsageError(f"--output {output} is a folder; give a file name")
+        checkpoint = load_checkpoint(args.checkpoint)
+        metadata = export(checkpoint, args.format, args.weights, output)
+    except (UsageError, CheckpointError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a missing or read-only folder, a full disk
+        print(f"error: cannot write {output}: {exc.strerror or first_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"exported {metadata['model_name']} ({len(metadata['class_names'])} classes, {args.weights} weights) "
+          f"to {output}, metadata in {output}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Fine-tuning as users do it, without internet: pretrained weights by name from torch.hub's cache
+(--pretrained), the offline error, a frozen backbone (--freeze_backbone_epochs), a slower backbone
+(--backbone_lr_scale), proven on real runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import data_flags, run_cli, torchrun, train_cmd, write_image_folder
+from model import RESNET18_IMAGENET_FILE, build_model
+
+URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+
+def write_two_colour_folder(root, per_class, seed):
+    """A second task: 'warm' images (red-dominant) against 'cold' ones (blue-dominant)."""
+    rng = np.random.RandomState(seed)
+    for name, channel in (("cold", 2), ("warm", 0)):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.randint(0, 110, size=(20, 24, 3)).astype(np.uint8)
+            pixels[..., channel] = rng.randint(140, 256, size=(20, 24))
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{i:03d}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    """A torch.hub cache holding "ImageNet" ResNet-18 weights under torchvision's file name: a
+    ResNet-18 trained here on a first dataset (three colour-dominant classes)."""
+    root = tmp_path_factory.mktemp("pretraining")
+    first = dict(train_dir=write_image_folder(str(root / "train"), per_class=16),
+                 val_dir=write_image_folder(str(root / "val"), per_class=3, seed=1))
+    run_cli(train_cmd(*data_flags(first, str(root / "run"), epochs=3, batch_size=8)))
+    weights = torch.load(root / "run" / "checkpoints" / "checkpoint_latest.pth")["model_state_dict"]
+    home = root / "torch_home"
+    os.makedirs(home / "hub" / "checkpoints")
+    torch.save(weights, home / "hub" / "checkpoints" / RESNET18_IMAGENET_FILE)
+    return str(home), weights
+
+
+@pytest.fixture(scope="module")
+def second_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("second_task")
+    return dict(train_dir=write_two_colour_folder(str(root / "train"), per_class=12, seed=2),
+                val_dir=write_two_colour_folder(str(root / "val"), per_class=6, seed=3))
+
+
+def test_pretrained_offline_is_one_error_line_naming_the_file_and_where_to_put_it(tiny_data, tmp_path):
+    home = tmp_path / "empty_torch_home"
+    result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), pretrained=True)),
+                     env={"TORCH_HOME": str(home)}, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert f"cannot download {URL}" in result.stderr
+    assert f"put it at {home}/hub/checkpoints/{RESNET18_IMAGENET_FILE}" in result.stderr
+    assert "--pretrained_weights PATH" in result.stderr
+    assert not os.path.exists(f"{tmp_path}/checkpoints")
+
+
+def test_pretrained_by_name_refuses_unknown_weights_and_models_without_any(tiny_data, tmp_path):
+    unknown = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), pretrained="IMAGENET9K")), check=False)
+    assert unknown.returncode == 2 and "--pretrained IMAGENET9K: resnet18's weights are DEFAULT (IMAGENET1K_V1) " \
+                                       "or IMAGENET1K_V1" in unknown.stderr
+    none = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), model="tiny_cnn", pretrained=True)), check=False)
+    assert none.returncode == 2 and "--model tiny_cnn has no pretrained weights in torchvision" in none.stderr
+
+
+def backbone(state):
+    return {key: value for key, value in state.items() if not key.startswith("fc.")}
+
+
+def test_fine_tuning_finds_the_cached_weights_keeps_the_backbone_frozen_then_trains_it_and_beats_scratch(
+        torch_home, second_task, tmp_path):
+    home, pretrained = torch_home
+    env = {"TORCH_HOME": home}
+    flags = dict(epochs=2, batch_size=4, learning_rate=3e-3)
+    tuned = data_flags(second_task, f"{tmp_path}/tuned", pretrained=True, freeze_backbone_epochs=1, **flags)
+    run_cli(train_cmd(*tuned, "--epochs", "1"), env=env)  # the frozen epoch alone
+    after_frozen = torch.load(f"{tmp_path}/tuned/checkpoints/checkpoint_latest.pth")["model_state_dict"]
+    for key, value in backbone(pretrained).items():  # weights and batch-norm statistics, bit for bit
+        assert torch.equal(after_frozen[key], value), key
+    assert after_frozen["fc.weight"].shape == (2, 512)  # a fresh two-class head, trained
+    run_cli(train_cmd(*tuned, "--auto_resume"), env=env)  # epoch 2: everything trains
+    tuned_final = torch.load(f"{tmp_path}/tuned/checkpoints/checkpoint_latest.pth")
+    assert not torch.equal(tuned_final["model_state_dict"]["conv1.weight"], pretrained["conv1.weight"])
+
+    run_cli(train_cmd(*data_flags(second_task, f"{tmp_path}/scratch", **flags)), env=env)
+    scratch = json.load(open(f"{tmp_path}/scratch/logs/training_history.json"))
+    tuned_history = tuned_final["history"]
+    assert tuned_history["val_loss"][-1] < scratch["val_loss"][-1]
+    assert tuned_history["val_acc"][-1] >= scratch["val_acc"][-1]
+
+
+def test_backbone_lr_scale_gives_the_backbone_its_fraction_of_the_heads_rate(tiny_data, tmp_path):
+    run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), model="tiny_cnn", backbone_lr_scale=0.1,
+                                  lr_scheduler="none", learning_rate=0.002)))
+    groups = torch.load(f"{tmp_path}/checkpoints/checkpoint_latest.pth")["optimizer_state_dict"]["param_groups"]
+    assert [group["lr"] for group in groups] == [0.002, pytest.approx(0.0002)]
+    assert [len(group["params"]) for group in groups] == [2, 4]  # fc.weight and fc.bias; the two convs
+
+
+def test_freezing_with_two_processes_neither_hangs_nor_trains_the_frozen_backbone(tiny_data, tmp_path):
+    run_cli(torchrun(2, *data_flags(tiny_data, str(tmp_path), model="tiny_cnn", batch_size=2, epochs=2,
+                                    freeze_backbone_epochs=1, save_top_k=2)), timeout=180)
+    torch.manual_seed(42)  # the run's --seed: its initial weights
+    initial = build_model("tiny_cnn", 3).state_dict()
+    first = torch.load(f"{tmp_path}/checkpoints/checkpoint_epoch001.pth")["model_state_dict"]
+    second = torch.load(f"{tmp_path}/checkpoints/checkpoint_epoch002.pth")["model_state_dict"]
+    for key in ("features.0.weight", "features.3.weight"):
+        assert torch.equal(first[key], initial[key]) and not torch.equal(second[key], initial[key])
+    assert not torch.equal(first["fc.weight"], initial["fc.weight"])
