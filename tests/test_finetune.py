@@ -13,6 +13,8 @@ from conftest import data_flags, run_cli, torchrun, train_cmd, write_image_folde
 from model import RESNET18_IMAGENET_FILE, build_model
 
 URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+# Offline for real on any machine: HTTPS goes through a proxy port where nothing listens.
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
 
 
 def write_two_colour_folder(root, per_class, seed):
@@ -52,7 +54,7 @@ def second_task(tmp_path_factory):
 def test_pretrained_offline_is_one_error_line_naming_the_file_and_where_to_put_it(tiny_data, tmp_path):
     home = tmp_path / "empty_torch_home"
     result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), pretrained=True)),
-                     env={"TORCH_HOME": str(home)}, check=False)
+                     env={"TORCH_HOME": str(home), **OFFLINE}, check=False)
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert f"cannot download {URL}" in result.stderr

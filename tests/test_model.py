@@ -62,7 +62,10 @@ def test_resnet18_animals90_has_torchvisions_keys_and_a_90_way_head():
 
 
 def test_resnet18_pretrained_offline_is_one_clear_error_naming_the_file_and_where_to_put_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache; a real download attempt
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache; a real download attempt,
+    for name in ("https_proxy", "HTTPS_PROXY"):  # through a proxy port where nothing listens: offline anywhere
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
     start = time.perf_counter()
     with pytest.raises(ModelError) as error:
         ResNet18Animals90(num_classes=90, pretrained=True)
