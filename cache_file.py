@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 import distributed
-from checkpoint import remove_quietly
+from checkpoint import fsync_directory, remove_quietly
 from dataset import UNREADABLE, open_resized
 from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
 from errors import DataError
@@ -271,6 +271,7 @@ class NodeLeader:
             os.pwrite(self.temp_fd, self.spec.header, 0)
             os.fsync(self.temp_fd)
             os.replace(self.temp, self.spec.path)
+            fsync_directory(os.path.dirname(self.spec.path))
         except OSError as exc:
             raise DataError(f"cannot publish the image cache {self.spec.path} ({exc.strerror})") from None
         return True

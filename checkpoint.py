@@ -231,8 +231,9 @@ class RunState:
             training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         if "lr_schedule" not in reset:
             load_scheduler_state(training.scheduler, checkpoint["scheduler_state_dict"])
-            for group, rate in zip(training.optimizer.param_groups, training.scheduler.get_last_lr()):
-                group["lr"] = rate  # the schedule's rate, also for a fresh optimizer
+            if "optimizer" in reset:  # a fresh optimizer takes the schedule's current rate
+                for group, rate in zip(training.optimizer.param_groups, training.scheduler.get_last_lr()):
+                    group["lr"] = rate
         if checkpoint["scaler_state_dict"] or not training.scaler.is_enabled():  # empty: AMP was off
             training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
         if training.ema is not None and "ema_state_dict" in checkpoint:

@@ -66,26 +66,23 @@ def plan_resume(checkpoint, path, args, world_size):
     return reset, [note for note in notes if note]
 
 
-def saved_global_batch(checkpoint):
-    """Samples per optimizer step of the checkpoint's run (older checkpoints: from its flags)."""
-    if checkpoint.get("global_batch"):
-        return checkpoint["global_batch"]
+def saved_layout(checkpoint):
+    """(per-process batch, processes, accumulation) of the checkpoint's run."""
     saved = checkpoint["config"]
-    return saved["batch_size"] * (saved.get("gradient_accumulation_steps") or 1) * len(checkpoint.get("rng") or [0])
+    return saved["batch_size"], len(checkpoint.get("rng") or [0]), saved.get("gradient_accumulation_steps") or 1
 
 
 def keep_global_batch(checkpoint, path, args, world_size):
     """Set the accumulation that keeps the checkpoint's global batch on this run's processes and
     per-process batch; refuse (naming values that work) when none does. Returns a note or ''."""
-    global_batch = saved_global_batch(checkpoint)
-    saved = checkpoint["config"]
+    batch, processes, accumulation = saved_layout(checkpoint)
+    global_batch = checkpoint.get("global_batch") or batch * processes * accumulation  # older checkpoints
     per_step = args.batch_size * world_size
-    was = (f"{saved['batch_size']} x {len(checkpoint.get('rng') or [0])} processes x "
-           f"{saved.get('gradient_accumulation_steps') or 1} accumulation")
+    was = f"{batch} x {processes} processes x {accumulation} accumulation"
     given = args.gradient_accumulation_steps
     if global_batch % per_step == 0 and given in (None, global_batch // per_step):
         args.gradient_accumulation_steps = global_batch // per_step
-        if per_step * (saved.get("gradient_accumulation_steps") or 1) == global_batch:
+        if args.gradient_accumulation_steps == accumulation:
             return ""
         return (f"gradient accumulation {args.gradient_accumulation_steps} keeps the global batch at {global_batch} "
                 f"on {world_size} process(es) (was {was})")

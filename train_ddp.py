@@ -155,6 +155,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
     trace = training.trace
     progress = tqdm(total=num_batches, initial=batches_done, desc=f"Epoch {epoch}/{args.epochs}",
                     disable=not ctx.is_main, leave=False, dynamic_ncols=True, mininterval=1.0)
+    params = [p for group in training.optimizer.param_groups for p in group["params"]]
     training.optimizer.zero_grad(set_to_none=True)
     start, sums.seen_before = time.perf_counter(), sums.seen.item()
     for i, (images, labels, indices, skipped) in enumerate(data.train_loader, start=batches_done):
@@ -167,7 +168,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
             trace.add(indices)
         if not is_update:
             continue
-        grad_norm = optimizer_step(training, sums, args)
+        grad_norm = optimizer_step(training, params, sums, args)
         state.step = update = i // accumulation + 1
         state.samples_done = min((i + 1) * sampler.row, state.epoch_samples)
         global_step = (epoch - 1) * training.steps_per_epoch + update
@@ -204,11 +205,10 @@ def forward_backward(training, images, labels, skipped, group_size, is_update, s
     return loss
 
 
-def optimizer_step(training, sums, args):
+def optimizer_step(training, params, sums, args):
     """Unscale once, clip, step (skipped on the device when the gradients are not finite), move
-    the schedule and the EMA on. Returns the gradient norm (before clipping)."""
+    the schedule and the EMA on. Returns the gradient norm (before clipping) of `params`."""
     optimizer, scaler = training.optimizer, training.scaler
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler.unscale_(optimizer)  # clip true gradients, once per update
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if args.max_grad_norm > 0:

@@ -150,16 +150,14 @@ def note_preprocessing(entry, args, ctx):
     """Say so when the run's evaluation transform differs from the one the weights were trained
     with (their crop and resize sizes, mean and std): never silently another input."""
     transforms = entry.transforms()
-    theirs = (transforms.crop_size[0], transforms.resize_size[0], tuple(transforms.mean), tuple(transforms.std))
-    ours = (args.image_size, eval_resize_size(args.image_size), IMAGENET_MEAN, IMAGENET_STD)
-    if not all(math.isclose(a, b) for a, b in zip(flatten(theirs), flatten(ours))):
-        main_print(ctx, f"Note: {entry} was trained on {theirs[0]} px crops of images resized to {theirs[1]} px "
-                        f"(mean {list(theirs[2])}, std {list(theirs[3])}); this run uses {ours[0]} px crops of "
-                        f"{ours[1]} px with ImageNet's mean and std (--image_size {theirs[0]} matches its crop)")
-
-
-def flatten(values):
-    return [x for value in values for x in (value if isinstance(value, tuple) else (value,))]
+    crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+    same = ((crop, resize) == (args.image_size, eval_resize_size(args.image_size))
+            and all(math.isclose(a, b) for a, b in zip(transforms.mean + transforms.std, IMAGENET_MEAN + IMAGENET_STD)))
+    if not same:
+        main_print(ctx, f"Note: {entry} was trained on {crop} px crops of images resized to {resize} px (mean "
+                        f"{list(transforms.mean)}, std {list(transforms.std)}); this run uses {args.image_size} px "
+                        f"crops of {eval_resize_size(args.image_size)} px with ImageNet's mean and std "
+                        f"(--image_size {crop} matches its crop)")
 
 
 def warn_slow_cpu_bf16():

@@ -3,11 +3,8 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,11 +14,11 @@ from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResiz
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from conftest import CLASSES, REPO, run_cli, train_cmd
+from conftest import CLASSES, run_cli
 from config import parse_args
 from dataset import (BAND_ASPECT, CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      build_datasets, build_loaders, eval_resize_size, load_eval, normalize, open_resized,
-                     open_rgb, prepare_digits_demo, random_resized_crop_box, resized_crop, sample_seed)
+                     open_rgb, random_resized_crop_box, resized_crop, sample_seed)
 
 
 def box_for(width, height, seed, epoch, index, scale=(0.08, 1.0)):
@@ -456,88 +453,3 @@ def test_normalize_gives_imagenet_normalised_floats():
         torch.testing.assert_close(out[1, c], torch.full((4, 5), expected1), rtol=0, atol=1e-5)
     assert out[0, 0, 0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-5)  # -2.1179
     assert normalize(images, dtype=torch.float64).dtype == torch.float64
-
-
-# ------------------------------------------------------------------ digits demo
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("one") / "digits"
-    train, val = prepare_digits_demo(str(root))
-    return dict(root=str(root), train=train, val=val)
-
-
-def listing(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
-
-
-def test_digits_demo_writes_1797_pngs_in_a_stratified_80_20_split(digits):
-    from sklearn.datasets import load_digits
-
-    assert digits["train"] == os.path.join(digits["root"], "train")
-    assert digits["val"] == os.path.join(digits["root"], "val")
-    assert sorted(os.listdir(digits["root"])) == ["train", "val"]
-    names = [str(d) for d in range(10)]
-    assert sorted(os.listdir(digits["train"])) == sorted(os.listdir(digits["val"])) == names
-    target = load_digits().target
-    all_indices = []
-    for label in range(10):
-        train_files = os.listdir(f"{digits['train']}/{label}")
-        val_files = os.listdir(f"{digits['val']}/{label}")
-        n_class = int((target == label).sum())
-        assert len(train_files) + len(val_files) == n_class
-        assert len(val_files) == round(0.2 * n_class)
-        indices = [int(f[:-4]) for f in train_files + val_files]
-        assert all(f.endswith(".png") for f in train_files + val_files)
-        assert all(target[i] == label for i in indices)  # each file is in its digit's folder
-        all_indices += indices
-    assert sorted(all_indices) == list(range(1797))  # every digit once: train and val disjoint
-    assert not [n for n in os.listdir(os.path.dirname(digits["root"])) if n.startswith(".digits-")]
-
-
-def test_digits_demo_images_are_the_8x8_scans_scaled_to_0_255(digits):
-    from sklearn.datasets import load_digits
-
-    images = load_digits().images
-    for split, label in [("train", 0), ("val", 7)]:
-        folder = f"{digits[split]}/{label}"
-        name = sorted(os.listdir(folder))[0]
-        with Image.open(f"{folder}/{name}") as image:
-            assert image.size == (8, 8) and image.mode == "L"
-            pixels = np.asarray(image)
-        expected = (images[int(name[:-4])] * (255 / 16)).round().astype(np.uint8)
-        assert np.array_equal(pixels, expected)
-    dataset = AugmentedImageFolder(digits["val"], 32, train=False)
-    assert dataset.classes == [str(d) for d in range(10)] and len(dataset) == 359
-    assert dataset[0][0].shape == (3, 32, 32)
-
-
-def test_digits_demo_is_deterministic_and_written_only_once(digits, tmp_path):
-    other = str(tmp_path / "digits")
-    prepare_digits_demo(other)
-    assert listing(other) == listing(digits["root"])
-    sample = os.path.join("val", "3", sorted(os.listdir(f"{other}/val/3"))[5])
-    assert open(os.path.join(other, sample), "rb").read() == open(os.path.join(digits["root"], sample), "rb").read()
-
-    stamps = {p: os.stat(os.path.join(other, p)).st_mtime_ns for p in listing(other)}
-    os.remove(os.path.join(other, sample))  # a second call must not even look at the files
-    assert prepare_digits_demo(other) == (os.path.join(other, "train"), os.path.join(other, "val"))
-    assert not os.path.exists(os.path.join(other, sample))
-    assert {p: os.stat(os.path.join(other, p)).st_mtime_ns for p in listing(other)} == \
-        {p: t for p, t in stamps.items() if p != sample}
-    assert sorted(os.listdir(tmp_path)) == ["digits"]  # no staging folder left behind
-
-
-def test_a_signal_while_the_digits_demo_is_written_leaves_nothing_behind(tmp_path):
-    # DEMO_DIR is relative: the demo goes to tmp_path/data/digits.
-    job = subprocess.Popen(train_cmd("--demo", "--checkpoint_dir", "run/checkpoints", "--log_dir", "run/logs"),
-                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1"),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and job.poll() is None and not list((tmp_path / "data").glob(".digits-*")):
-        time.sleep(0.005)
-    job.send_signal(signal.SIGTERM)
-    output = job.communicate(timeout=60)[0]
-    assert job.returncode == 128 + signal.SIGTERM, output
-    assert output == "Stopped by signal 15 while setting up; nothing was trained or saved.\n"
-    assert os.listdir(tmp_path / "data") == [] and not os.path.exists(tmp_path / "run")
