@@ -52,7 +52,7 @@ HOST = socket.gethostname()
 ROUND_SECONDS = 1.0
 LOCK_POLL_SECONDS = 0.5
 SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a planted FIFO must not hang us
-TEMP_NAME = re.compile(r"\.u8\.tmp\.(?P<host>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+TEMP_NAME = re.compile(r"\.(u8|jpegs)\.tmp\.(?P<host>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.part\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ class CacheSpec:
     def header(self):
         return HEADER.pack(MAGIC, FORMAT_VERSION, self.side, self.count, self.key)
 
+    def open(self):
+        return open_verified(self)
+
+    def slice_worker(self, temp, dataset, image_size, num_workers, team):
+        return SliceDecoder(temp, self, dataset, image_size, num_workers, team)
+
 
 @dataclass(frozen=True)
 class Team:
@@ -91,26 +97,33 @@ class Team:
                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def describe_cache(dataset, side, cache_dir):
-    """The cache of `dataset` at `side`, named by a hash of the format version, the folder and every
-    file's path, label, size, mtime, inode change time and inode: a rewrite that keeps the size and
-    restores the mtime (cp -p, rsync -t) cannot restore the ctime, so it gets a new cache."""
-    digest = hashlib.sha256(f"{FORMAT_VERSION}|{os.path.abspath(dataset.root)}|{side}".encode())
+def describe_cache(dataset, side, cache_dir, quality=None):
+    """The cache of `dataset` at `side` (raw, or compressed at JPEG `quality`: cache_jpeg.py), named
+    by a hash of the format version, the folder and every file's path, label, size, mtime, inode
+    change time and inode: a rewrite that keeps the size and restores the mtime (cp -p, rsync -t)
+    cannot restore the ctime, so it gets a new cache."""
+    compressed = "" if quality is None else f"|jpeg{quality}"  # raw caches keep the names they had
+    digest = hashlib.sha256(f"{FORMAT_VERSION}|{os.path.abspath(dataset.root)}|{side}{compressed}".encode())
     for path, label in dataset.samples:
         try:
             st = os.stat(path)
         except OSError as exc:
             raise DataError(f"cannot read {path} ({exc.strerror}) while naming the image cache") from None
         digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
-    name = f"{os.path.basename(os.path.normpath(dataset.root))}-{side}px-{digest.hexdigest()[:16]}.u8"
-    return CacheSpec(os.path.join(cache_dir, name), digest.digest(), len(dataset.samples), side)
+    stem = f"{os.path.basename(os.path.normpath(dataset.root))}-{side}px"
+    if quality is None:
+        return CacheSpec(os.path.join(cache_dir, f"{stem}-{digest.hexdigest()[:16]}.u8"), digest.digest(),
+                         len(dataset.samples), side)
+    from cache_jpeg import JpegSpec  # here: cache_jpeg builds on this module
+    return JpegSpec(os.path.join(cache_dir, f"{stem}-q{quality}-{digest.hexdigest()[:16]}.jpegs"), digest.digest(),
+                    len(dataset.samples), side, quality)
 
 
 class DecodeForCache(Dataset):
     """Decode one image to the stored S x S form (the eval transform's resize + center crop)."""
 
-    def __init__(self, samples, image_size):
-        self.samples, self.image_size, self.size = samples, image_size, storage_size(image_size)
+    def __init__(self, samples, image_size, size=None):
+        self.samples, self.image_size, self.size = samples, image_size, size or storage_size(image_size)
 
     def __len__(self):
         return len(self.samples)
@@ -251,7 +264,7 @@ class NodeLeader:
                 self.waiting = True
             time.sleep(LOCK_POLL_SECONDS)
             return False
-        if open_verified(self.spec) is not None:  # re-checked under the lock: published meanwhile
+        if self.spec.open() is not None:  # re-checked under the lock: published meanwhile
             self.release_lock()
             return True
         remove_stale_temps(os.path.dirname(self.spec.path))
@@ -306,7 +319,7 @@ class SliceDecoder:
     def __init__(self, temp, spec, dataset, image_size, num_workers, team):
         self.temp, self.spec, self.num_workers = temp, spec, num_workers
         self.mine = range(team.local_rank, spec.count, team.local_world)
-        self.samples = DecodeForCache([dataset.samples[i] for i in self.mine], image_size)
+        self.samples = DecodeForCache([dataset.samples[i] for i in self.mine], image_size, spec.side)
         self.images = self.decoded = None
 
     def step(self):
@@ -336,6 +349,9 @@ class SliceDecoder:
 
     def close(self):
         self.images = self.decoded = None
+
+    def result(self):  # the raw cache needs nothing more from its builders (cache_jpeg's do)
+        return None
 
 
 @contextmanager

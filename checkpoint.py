@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from config import preprocessing_of
 from errors import CheckpointError
 from recipe import load_scheduler_state
 from utils import append_history, new_history
@@ -34,6 +35,8 @@ SCHEMA = {
     "class_names": "class folder names in label order",
     "model_name": "--model",
     "config": "every flag's value",
+    "preprocessing": "the evaluation transform the weights expect (predict.py and export.py apply it): image_size "
+                     "(center crop), resize_size (shorter side first), mean and std (of 0-1 pixels)",
     "rng": "every rank's torch RNG states (dropout), in rank order",
     "train_partial": "every rank's running sums of the epoch in progress (metrics.EpochSums), or None",
 }
@@ -155,6 +158,12 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_preprocessing(checkpoint):
+    """The evaluation transform a checkpoint's weights expect (SCHEMA's "preprocessing"); checkpoints
+    written before that key existed: the one their flags gave."""
+    return checkpoint.get("preprocessing") or preprocessing_of(checkpoint["config"])
+
+
 def check_resumable(checkpoint, path, class_names, model_name):
     """Refuse a checkpoint of another class set or another model, before touching any state."""
     if checkpoint["class_names"] != class_names:
@@ -213,7 +222,8 @@ class RunState:
             scaler_state_dict=training.scaler.state_dict(),
             scheduler_state_dict=training.scheduler.state_dict(),
             **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "train_partial"},
-            class_names=class_names, model_name=config["model"], config=config, rng=rng,
+            class_names=class_names, model_name=config["model"], config=config,
+            preprocessing=preprocessing_of(config), rng=rng,
             train_partial=train_partial)
         if training.ema is not None:
             checkpoint.update(ema_state_dict=training.ema.module.state_dict(),

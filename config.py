@@ -1,122 +1,33 @@
 """The training flags of train_ddp.py (and so of launch_ddp.py), their defaults and their checks.
 
-Torch-free, so launch_ddp.py can refuse bad flags and data folders in a fraction of a second.
+Torch-free, so launch_ddp.py can refuse bad flags in a fraction of a second (folders.py does the
+same for data folders).
 """
 import argparse
 import json
 import os
-import stat
 import tempfile
-from collections import deque
 
-from errors import ConfigError, DataError
+from errors import ConfigError
 
 # The smallest --image_size of models a dry forward pass would otherwise judge only on the ranks
 # (model.check_image_size, which tests/test_model.py holds this table to), so that launch_ddp.py
 # can refuse a size without importing torch. Models not listed take 1 px or are checked on the ranks.
 SMALLEST_IMAGE_SIZE = dict(tiny_cnn=2, alexnet=63, googlenet=15, vgg11=32, vgg13=32, vgg16=32, vgg19=32)
 
+# The torchvision recipe's evaluation transform, for runs without --pretrained weights (whose own
+# transform, training.resolve_preprocessing, takes its place): the shorter side resized to
+# image_size / 0.875, a center crop, ImageNet's mean and std.
+DEFAULT_IMAGE_SIZE = 224
+EVAL_RESIZE_FRACTION = 0.875
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING_FLAGS = ("image_size", "resize_size", "mean", "std")
+
 DEMO_DIR = "data/digits"
 # The demo recipe: 8x8 digit scans upscaled to 32 px; no flips (a mirrored digit is another shape).
 DEMO_DEFAULTS = dict(epochs=6, image_size=32, batch_size=32, learning_rate=2e-3, min_crop_scale=0.5,
                      hflip_prob=0.0, num_workers=1, warmup_steps=20)
-
-
-def class_folders(root, role):
-    """The sorted class sub-folder names of an ImageFolder root, with clear errors."""
-    if not os.path.exists(root):
-        raise DataError(f"{role} folder not found: {root} (pass --{role}_dir PATH, or --demo)")
-    if not os.path.isdir(root):
-        raise DataError(f"{role} folder is not a directory: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and followed_is_dir(e, role))
-    if not classes:
-        raise DataError(f"{role} folder {root} has no class sub-folders; expected "
-                        f"{root}/<class_name>/<image files>")
-    return classes
-
-
-def followed_is_dir(entry, role):
-    """Whether a folder entry is a directory, following links; a link that cannot be followed (one
-    pointing at itself) is refused: it might be a class, and leaving a class out would shift labels."""
-    try:
-        return entry.is_dir()
-    except OSError as exc:
-        raise DataError(f"{role} folder entry {entry.path} cannot be followed ({exc.strerror}); "
-                        "fix or remove it") from None
-
-
-def check_data_folders(train_dir, val_dir):
-    """Class names from the train folder; val must hold exactly the same classes."""
-    train_classes = class_folders(train_dir, "train")
-    val_classes = class_folders(val_dir, "val")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
-                        f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
-    return train_classes
-
-
-def find_files(folder, extensions):
-    """The files under `folder` whose lower-cased names end in one of `extensions`, in the order of
-    torchvision's ImageFolder (sorted os.walk(followlinks=True)), and warnings about what was left out.
-
-    Links are followed, but no directory is walked twice: a link back into the tree (a loop) or a
-    second way into one directory is skipped with a warning. Real sub-folders are walked before
-    any link, so the warning names the link. Hidden files and folders (.ipynb_checkpoints, macOS's
-    ._photo.jpg) are skipped silently, as data_split.py does; a matching name that is not a regular
-    file (a FIFO named x.png would block its reader forever) with a warning.
-    Returns (paths, warnings)."""
-    extensions = tuple(extensions)
-    names_in, warnings = {}, []  # directory path -> the matching file names in it
-    walked = {}  # (st_dev, st_ino) of each directory walked -> the path it was walked as
-    real_dirs, linked_dirs = [folder], deque()
-    while real_dirs or linked_dirs:
-        path = real_dirs.pop() if real_dirs else linked_dirs.popleft()
-        try:
-            info = os.stat(path)
-            if (info.st_dev, info.st_ino) in walked:
-                warnings.append(f"skipping {path}: it leads to {walked[info.st_dev, info.st_ino]}, which is "
-                                "already included (a link loop, or a second link to one folder)")
-                continue
-            walked[info.st_dev, info.st_ino] = path
-            with os.scandir(path) as scan:  # sorted: which of two links is skipped must not depend on the disk
-                entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
-            names_in[path] = [entry.name for entry in entries
-                              if keep_entry(entry, extensions, real_dirs, linked_dirs, warnings)]
-        except OSError as exc:  # unreadable, a link that cannot be followed, or gone meanwhile
-            warnings.append(f"skipping {path}: {exc.strerror}")
-    paths = [os.path.join(d, name) for d in sorted(names_in) for name in sorted(names_in[d])]
-    return paths, warnings
-
-
-def keep_entry(entry, extensions, real_dirs, linked_dirs, warnings):
-    """find_files' look at one entry: queues a directory, says whether to keep a file."""
-    try:
-        is_dir = entry.is_dir()
-    except OSError as exc:  # a link to itself
-        warnings.append(f"skipping {entry.path}: {exc.strerror}")
-        return False
-    if is_dir:
-        (linked_dirs if entry.is_symlink() else real_dirs).append(entry.path)
-        return False
-    if not entry.name.lower().endswith(extensions):
-        return False
-    if entry.is_file():
-        return True
-    warnings.append(f"skipping {entry.path}: {not_a_file(entry.path)}")
-    return False
-
-
-def not_a_file(path):
-    """What a path with an image name is instead of a regular file, for a warning."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        return f"a link that cannot be followed ({exc.strerror})"
-    kinds = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-             (stat.S_ISBLK, "a device")]
-    return next((kind for is_kind, kind in kinds if is_kind(mode)), "something") + ", not a regular file"
 
 
 def build_parser():
@@ -140,7 +51,16 @@ def add_data_flags(data):
     data.add_argument("--demo", action="store_true",
                       help=f"train on scikit-learn's handwritten digits, written once as PNGs to {DEMO_DIR}; "
                            "sets the demo recipe for any flag not given")
-    data.add_argument("--image_size", type=int, default=224, help="training and evaluation crop size in pixels")
+    data.add_argument("--image_size", type=int, default=None,
+                      help="training and evaluation crop size in pixels (default 224, or the --pretrained weights' own)")
+    data.add_argument("--resize_size", type=int, default=None,
+                      help="evaluation: the shorter side is resized to this, then center-cropped to image_size "
+                           "(default image_size / 0.875, or the --pretrained weights' ratio)")
+    data.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                      help="per-channel normalisation mean of 0-1 pixels (default ImageNet's, or the --pretrained "
+                           "weights' own)")
+    data.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                      help="per-channel normalisation standard deviation (default ImageNet's, or the weights' own)")
     data.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes per training process")
     data.add_argument("--min_crop_scale", type=float, default=0.08,
                       help="smallest image area fraction a random resized crop keeps")
@@ -149,6 +69,11 @@ def add_data_flags(data):
                       help="decode every image once into a uint8 memory-mapped cache in DIR (default "
                            "image_cache/), reused by later runs and all ranks; crops and flips then run "
                            "batched on the device")
+    data.add_argument("--cache_format", choices=["auto", "raw", "jpeg"], default="auto",
+                      help="--cache_images storage: raw uint8 pixels (fastest to read), or every image re-encoded "
+                           "once as a JPEG at the storage size (about a tenth of the bytes, decoded at load time); "
+                           "auto: raw while it takes at most a quarter of this machine's memory")
+    data.add_argument("--cache_quality", type=int, default=90, help="JPEG quality of a compressed image cache (1-100)")
     data.add_argument("--no_augmentation", action="store_true",
                       help="train on the evaluation transform (resize + center crop) instead of random crops and flips")
     data.add_argument("--skip_bad_images", action="store_true",
@@ -286,8 +211,38 @@ def parse_args(argv=None):
     if args.fast_dev_run:  # one batch each way, nothing written (checkpoints, history, loggers)
         args.epochs, args.limit_train_batches, args.limit_val_batches, args.num_sanity_val_steps = 1, 1, 1, 0
         args.use_wandb = args.use_tensorboard = False
+    if not args.pretrained:  # with --pretrained, the ranks fill them in from the weights' own transform
+        fill_preprocessing(args)
     validate_args(args)
     return args
+
+
+def eval_resize_size(image_size, fraction=EVAL_RESIZE_FRACTION):
+    """The evaluation transform's shorter side before its center crop: image_size / fraction."""
+    return int(round(image_size / fraction))
+
+
+def fill_preprocessing(args, image_size=DEFAULT_IMAGE_SIZE, resize_fraction=EVAL_RESIZE_FRACTION,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Give the preprocessing flags not set (None) these values: a crop size, the resize as a
+    fraction of it, mean and std. Flags the user set stay."""
+    args.image_size = args.image_size or image_size
+    args.resize_size = args.resize_size or eval_resize_size(args.image_size, resize_fraction)
+    args.mean, args.std = list(args.mean or mean), list(args.std or std)
+
+
+def check_preprocessing(args):
+    if args.resize_size is not None and args.image_size is not None and args.resize_size < args.image_size:
+        raise ConfigError(f"--resize_size {args.resize_size} is smaller than --image_size {args.image_size}: the "
+                          "center crop needs at least that; leave --resize_size out for image_size / 0.875")
+
+
+def preprocessing_of(config):
+    """The evaluation transform of a run's flags (vars(args), or a checkpoint's config) as a dict:
+    image_size, resize_size, mean, std. Older checkpoints lack some flags: the recipe's values."""
+    image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
+    return dict(image_size=image_size, resize_size=config.get("resize_size") or eval_resize_size(image_size),
+                mean=list(config.get("mean") or IMAGENET_MEAN), std=list(config.get("std") or IMAGENET_STD))
 
 
 def read_config_file(path, parser):
@@ -313,7 +268,11 @@ def read_config_file(path, parser):
         if action is None or key in ("help", "config"):
             raise ConfigError(f"--config {path}: unknown key '{key}' (keys are train_ddp.py flag names)")
         try:
-            if action.nargs == 0:  # store_true flags
+            if action.nargs == 3 and value is not None:  # --mean, --std
+                if not (isinstance(value, list) and len(value) == 3):
+                    raise ValueError("expected a list of 3 numbers")
+                value = [float(number) for number in value]
+            elif action.nargs == 0:  # store_true flags
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
             elif value is not None and action.type in (int, float):
@@ -334,18 +293,25 @@ def read_config_file(path, parser):
 
 
 def validate_args(args):
-    positive = ["epochs", "batch_size", "image_size", "gradient_accumulation_steps", "log_every_steps",
-                "max_nonfinite_steps"]
+    positive = ["epochs", "batch_size", "image_size", "resize_size", "gradient_accumulation_steps",
+                "log_every_steps", "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    limits = dict(batch_size=65536, epochs=1_000_000, image_size=4096, gradient_accumulation_steps=65536,
-                  num_workers=256)
+    limits = dict(batch_size=65536, epochs=1_000_000, image_size=4096, resize_size=8192,
+                  gradient_accumulation_steps=65536, num_workers=256)
     for name, limit in limits.items():
         if getattr(args, name) is not None and getattr(args, name) > limit:
             raise ConfigError(f"--{name} {getattr(args, name)} is beyond any sensible value (at most {limit})")
-    if args.image_size < SMALLEST_IMAGE_SIZE.get(args.model, 1):
+    check_preprocessing(args)
+    if args.mean is not None and not all(0 <= value <= 1 for value in args.mean):
+        raise ConfigError(f"--mean takes three values in [0, 1] (pixels scaled to 0-1), got {args.mean}")
+    if args.std is not None and not all(0 < value <= 1 for value in args.std):
+        raise ConfigError(f"--std takes three values in (0, 1] (pixels scaled to 0-1), got {args.std}")
+    if args.image_size is not None and args.image_size < SMALLEST_IMAGE_SIZE.get(args.model, 1):
         raise ConfigError(image_size_too_small(args.model, args.image_size, SMALLEST_IMAGE_SIZE[args.model]))
+    if not 1 <= args.cache_quality <= 100:
+        raise ConfigError(f"--cache_quality must be in [1, 100], got {args.cache_quality}")
     if args.num_workers < 0:
         raise ConfigError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if not 0 < args.learning_rate <= 10:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from config import find_files
+from folders import find_files
 
 RATIO_TOLERANCE = 1e-6
 
@@ -91,7 +91,7 @@ def parse_extensions(text):
 
 def find_images(input_dir, extensions):
     """Map class name -> sorted image paths relative to the class folder, searched as training
-    searches its class folders (config.find_files); and the warnings about what was skipped."""
+    searches its class folders (folders.find_files); and the warnings about what was skipped."""
     files_by_class, warnings = {}, []
     for class_dir in sorted(p for p in input_dir.iterdir()
                             if p.is_dir() and not p.name.startswith(".")):

@@ -24,15 +24,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from config import check_data_folders, class_folders, find_files
+from config import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size  # noqa: F401 (the names data code imports)
+from folders import check_data_folders, class_folders, find_files
 from distributed import validation_shard
 from errors import DataError
 from sampling import GlobalOrderSampler
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)
-EVAL_RESIZE_FRACTION = 0.875  # resize to size/0.875, then center-crop: the torchvision recipe
 # Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
 # the central band that any center crop keeps is resized: memory grows with the resized image, and
 # a 97-byte 1 x 6000 px PNG would take 1.5 GB (a 1 x 600,000 px one ~118 GB).
@@ -72,11 +70,6 @@ def random_resized_crop_box(width, height, scale, rng):
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def eval_resize_size(image_size):
-    """The evaluation transform's shorter side before its center crop: image_size / 0.875."""
-    return int(round(image_size / EVAL_RESIZE_FRACTION))
-
-
 def open_resized(path, short_side, fast_decode=True):
     """Decode an image (at a reduced JPEG scale when that is still large enough) and resize its
     shorter side to `short_side`: the first step of the evaluation transform (see resize_shorter_side)."""
@@ -114,9 +107,10 @@ def resize_shorter_side(image, short_side):
     return image.crop(cut).resize(size, Image.BILINEAR, box=box)
 
 
-def load_eval(path, image_size, fast_decode=True):
-    """The evaluation transform (torchvision's resize + center crop), used by validation and predict.py."""
-    return TF.center_crop(open_resized(path, eval_resize_size(image_size), fast_decode), image_size)
+def load_eval(path, image_size, resize_size=None, fast_decode=True):
+    """The evaluation transform (torchvision's resize + center crop), used by validation and predict.py:
+    the shorter side resized to resize_size (default image_size / 0.875), a center crop to image_size."""
+    return TF.center_crop(open_resized(path, resize_size or eval_resize_size(image_size), fast_decode), image_size)
 
 
 def open_rgb(path, min_size=None):
@@ -159,12 +153,13 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """
 
     def __init__(self, root, image_size, train, seed=0, min_crop_scale=0.08, hflip_prob=0.5,
-                 fast_decode=True, skip_bad_images=False, augment=True):
+                 fast_decode=True, skip_bad_images=False, augment=True, resize_size=None):
         self.train = train  # read by find_classes, which ImageFolder's __init__ calls
         super().__init__(root)
         self.augment = augment
         self.skip_bad_images = skip_bad_images
         self.image_size = image_size
+        self.resize_size = resize_size or eval_resize_size(image_size)
         self.seed = seed
         self.crop_scale = (min_crop_scale, 1.0)
         self.hflip_prob = hflip_prob
@@ -177,7 +172,7 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """ImageFolder's (path, label) list in its order (ImageFolder's arguments; its extensions
-        are IMG_EXTENSIONS), walked by config.find_files: no link loops, hidden files or FIFOs.
+        are IMG_EXTENSIONS), walked by folders.find_files: no link loops, hidden files or FIFOs.
         Warnings go out once, from the first process."""
         samples, warnings, empty = [], [], []
         for name in sorted(class_to_idx):
@@ -200,7 +195,7 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         try:
             augment = self.train and self.augment
             image = (self.load_train(path, epoch, index) if augment
-                     else load_eval(path, self.image_size, self.fast_decode))
+                     else load_eval(path, self.image_size, self.resize_size, self.fast_decode))
         except UNREADABLE as exc:
             if not self.skip_bad_images:
                 raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or pass "
@@ -227,8 +222,10 @@ def build_datasets(args, world_size=1):
     class_names = check_data_folders(args.train_dir, args.val_dir)
     train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
                                      min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
-                                     skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation)
-    val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False, skip_bad_images=args.skip_bad_images)
+                                     skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation,
+                                     resize_size=args.resize_size)
+    val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False, skip_bad_images=args.skip_bad_images,
+                                   resize_size=args.resize_size)
     if args.overfit_batches:
         train_set, val_set = overfit_subset(train_set, args.overfit_batches * args.batch_size * world_size, args.seed)
     return train_set, val_set, class_names
@@ -284,16 +281,17 @@ def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size,
     return train_loader, val_loader
 
 
-def normalize(images_uint8, dtype=torch.float32):
-    """uint8 NCHW -> normalised float, on whichever device the batch already is."""
-    scale, shift = normalization_constants(images_uint8.device, dtype)
+def normalize(images_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32):
+    """uint8 NCHW -> normalised float, on whichever device the batch already is; mean and std are
+    per channel, of 0-1 pixels (the run's --mean/--std)."""
+    scale, shift = normalization_constants(images_uint8.device, dtype, tuple(mean), tuple(std))
     return torch.addcmul(shift, images_uint8.to(dtype), scale)  # (x - 255 mean) / (255 std), one kernel
 
 
 @functools.lru_cache(maxsize=8)
-def normalization_constants(device, dtype):
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1) * 255
+def normalization_constants(device, dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    mean = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1) * 255
     return (1 / std).to(device, dtype), (-mean / std).to(device, dtype)
 
 

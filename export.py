@@ -4,10 +4,10 @@
 
 The exported model takes uint8 RGB images, NCHW, any batch size, already resized (shorter side to
 `resize_size`) and center-cropped to `image_size` x `image_size`, and returns float32 logits in
-`class_names` order. The ImageNet normalisation (dataset.normalize) is inside the graph: a
-deployment only decodes, resizes and crops, and cannot get the mean/std, the channel order or the
-0-255 vs 0-1 scale wrong; uint8 input is also a quarter of float32's size. The same batch fed to
-the checkpoint's PyTorch model after dataset.normalize gives the same logits.
+`class_names` order. The run's normalisation (dataset.normalize with the checkpoint's mean and
+std, SCHEMA's "preprocessing") is inside the graph: a deployment only decodes, resizes and crops,
+and cannot get the mean/std, the channel order or the 0-255 vs 0-1 scale wrong; uint8 input is also a quarter of float32's size. The same batch fed to
+the checkpoint's PyTorch model after that normalisation gives the same logits.
 
 Metadata (class_names, model_name, weights, image_size, resize_size, mean, std, input, output)
 goes into the file itself, in ONNX's metadata_props (each value JSON-encoded) or TorchScript's
@@ -28,8 +28,8 @@ import warnings
 
 import torch
 
-from checkpoint import first_line, load_checkpoint
-from dataset import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size, normalization_constants
+from checkpoint import checkpoint_preprocessing, first_line, load_checkpoint
+from dataset import normalization_constants
 from errors import CheckpointError, ModelError
 from predict import Parser, UsageError, load_model
 
@@ -43,12 +43,12 @@ EXPORT_BATCH, CHECK_BATCH = 2, 3
 class NormalizingClassifier(torch.nn.Module):
     """uint8 NCHW images in, logits out: training's own normalisation, then the classifier."""
 
-    def __init__(self, model):
+    def __init__(self, model, mean, std):
         super().__init__()
         self.model = model
         # dataset.normalize's constants as buffers, taken eagerly: calling normalize inside the export
         # would fill its lru_cache with the exporter's fake tensors.
-        scale, shift = normalization_constants(torch.device("cpu"), torch.float32)
+        scale, shift = normalization_constants(torch.device("cpu"), torch.float32, tuple(mean), tuple(std))
         self.register_buffer("scale", scale.clone())
         self.register_buffer("shift", shift.clone())
 
@@ -75,12 +75,12 @@ def default_output(checkpoint_path, export_format):
 
 def export_metadata(checkpoint, weights):
     """What a deployment needs besides the graph: the label names and the preprocessing."""
-    image_size = checkpoint["config"].get("image_size", 224)
+    preprocessing = checkpoint_preprocessing(checkpoint)
+    image_size = preprocessing["image_size"]
     return dict(
         class_names=list(checkpoint["class_names"]),
         model_name=checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18"),
-        weights=weights, image_size=image_size, resize_size=eval_resize_size(image_size),
-        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+        weights=weights, **preprocessing,
         input=f"uint8 RGB, NCHW, N x 3 x {image_size} x {image_size}: the shorter side resized to resize_size, "
               "then center-cropped; mean/std are applied inside the model (on 0-1 scaled pixels)",
         output="float32 logits, N x len(class_names), in class_names order")
@@ -132,7 +132,8 @@ def export(checkpoint, export_format, weights, output):
         raise CheckpointError("--weights ema: the checkpoint has no EMA weights (it was trained without "
                               "--use_ema); use --weights model")
     metadata = export_metadata(checkpoint, weights)
-    model = NormalizingClassifier(load_model(checkpoint, weights, torch.device("cpu"))).eval()
+    model = NormalizingClassifier(load_model(checkpoint, weights, torch.device("cpu")), metadata["mean"],
+                                  metadata["std"]).eval()
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output)))
     try:
         staged_model = os.path.join(staging, "model")

@@ -1,7 +1,7 @@
 """--cache_images: every image decoded once into a uint8 memory-mapped array on disk, then served
 in whole batches with random-resized-crop and flip done on tensors (on the GPU when there is one).
 
-Each image is stored resized (shorter side) and center-cropped to S x S, S = image_size / 0.875:
+Each image is stored resized (shorter side) and center-cropped to S x S, S = --resize_size:
 exactly the evaluation transform's intermediate, so evaluation from the cache equals evaluation
 from the files. Training crops are drawn with the same per-sample generator (seed, epoch, index)
 and the same crop rule as the file path, in that S x S frame, so a resumed run stays bit-exact.
@@ -16,6 +16,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -23,23 +24,27 @@ import torch
 from torchvision.transforms import functional as TF
 
 import distributed
-from cache_file import NodeLeader, SliceDecoder, Team, describe_cache, open_verified, storage_size
+from cache_file import NodeLeader, Team, describe_cache, storage_size
+from cache_jpeg import JpegImages, JpegSpec, assemble
 from dataset import random_resized_crop_box, resized_crop, sample_seed, train_sampler
 from errors import DataError
 
 
 READER_THREADS = min(4, os.cpu_count() or 1)
+RAW_MEMORY_FRACTION = 0.25
 
 
-def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team()):
-    """The cached (N, S, S, 3) uint8 array, built once if missing. A collective: every rank of the
-    job calls it. Rank 0 decides for all whether to build; rank 0's node builds while the other
-    nodes wait; a node that then cannot see the file (a node-local cache directory) builds its own.
+def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team(), resize_size=None, quality=None):
+    """The cached (N, S, S, 3) uint8 array, S = resize_size (default image_size / 0.875), built once
+    if missing; with a JPEG `quality`, the compressed cache (cache_jpeg.JpegImages) instead. A
+    collective: every rank of the job calls it. Rank 0 decides for all whether to
+    build; rank 0's node builds while the other nodes wait; a node that then cannot see the file (a
+    node-local cache directory) builds its own.
     Returns (images, path, built): built is False when an existing cache was reused."""
     def look():
         usable_directory(cache_dir)
-        spec = describe_cache(dataset, storage_size(image_size), cache_dir)
-        return spec, team.node, open_verified(spec) is None
+        spec = describe_cache(dataset, resize_size or storage_size(image_size), cache_dir, quality)
+        return spec, team.node, spec.open() is None
     spec, first_node, missing = rank_0_decides(look, team)
     built = missing and build_on_nodes(spec, dataset, image_size, num_workers, team, team.node == first_node)
     images, unseen = open_everywhere(spec, team)
@@ -78,19 +83,30 @@ def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
                   f"{team.local_world} process(es)", flush=True)
         # This node's temporary file, from its leader (None: not building, or another job's cache turned up).
         temp = next((name for node, name in gather_or_raise((team.node, created)) if node == team.node and name), None)
-        decoder = SliceDecoder(temp, spec, dataset, image_size, num_workers, team) if temp else None
+        decoder = spec.slice_worker(temp, dataset, image_size, num_workers, team) if temp else None
         in_rounds(decoder.step if decoder else None)
-        in_rounds(leader.publish if leader and leader.building else None)
+        # The compressed cache's parts, in local-rank order, for its leader to put together.
+        result = decoder.result() if decoder else None
+        reports = sorted(gather_or_raise((team.node, team.local_rank, result)), key=lambda report: report[:2])
+        parts = [part for node, _, part in reports if node == team.node]
+        publish = partial(assemble_and_publish, leader, parts) if leader and leader.building else None
+        in_rounds(publish)
     finally:
         if leader:
             leader.close()
     return temp is not None
 
 
+def assemble_and_publish(leader, parts):
+    if isinstance(leader.spec, JpegSpec):
+        assemble(leader.temp_fd, leader.spec, parts)
+    return leader.publish()
+
+
 def open_everywhere(spec, team):
     """Every rank opens and verifies the published cache: (this rank's images or None, the nodes
     where some rank could not find it)."""
-    images, error = attempt(lambda: open_verified(spec))
+    images, error = attempt(spec.open)
     reports = gather_or_raise((team.node, images is None), error)
     return images, sorted({node for node, missing in reports if missing})
 
@@ -144,9 +160,11 @@ class CachedBatches:
     def __init__(self, images, labels, sampler, batch_size, train, image_size, device, drop_last,
                  seed=0, crop_scale=(0.08, 1.0), hflip_prob=0.5, augment=True):
         self.images, self.labels, self.sampler = images, torch.as_tensor(labels), sampler
-        with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
-            warnings.simplefilter("ignore", UserWarning)
-            self.pixels = torch.from_numpy(images)
+        self.compressed = isinstance(images, JpegImages)
+        if not self.compressed:
+            with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
+                warnings.simplefilter("ignore", UserWarning)
+                self.pixels = torch.from_numpy(images)
         self.batch_size, self.train, self.image_size, self.device = batch_size, train, image_size, device
         self.drop_last, self.seed, self.crop_scale, self.hflip_prob = drop_last, seed, crop_scale, hflip_prob
         self.augment = augment
@@ -187,7 +205,10 @@ class CachedBatches:
         if side_stream is None:
             return images, labels, indices, None
         with torch.cuda.stream(side_stream):
-            pixels = images.to(self.device, non_blocking=True)
+            if images is None:  # compressed: JPEGs decoded here, batched, by nvjpeg
+                pixels = self.images.decode_on(indices, self.device)
+            else:
+                pixels = images.to(self.device, non_blocking=True)
             if boxes is None:
                 images = TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous()
             else:
@@ -215,10 +236,16 @@ class CachedBatches:
         on a CPU than torch's uint8 resize (BENCHMARKS.md) and releases the GIL while it resizes."""
         on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
-        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
-        # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it and
-        # stalled the training thread's kernel launches).
-        torch.index_select(self.pixels, 0, indices, out=pixels)
+        if self.compressed and on_gpu:
+            pixels = None  # decoded on the GPU when staged
+        else:
+            pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
+        if self.compressed and not on_gpu:
+            self.images.decode_into(indices, pixels)
+        elif not self.compressed:
+            # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it
+            # and stalled the training thread's kernel launches).
+            torch.index_select(self.pixels, 0, indices, out=pixels)
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
@@ -292,10 +319,12 @@ def crop_and_flip(pixels, boxes, flips, size):
 def build_cached_loaders(train_set, val_set, args, ctx):
     """Train and val loaders over the image cache in args.cache_images (built on first use)."""
     team = Team.of(ctx)
+    quality = cache_quality(len(train_set) + len(val_set), args, team)
     opened = []
     for dataset in (train_set, val_set):
         began = time.perf_counter()
-        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, team)
+        images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, team,
+                                            args.resize_size, quality)
         if ctx.is_main:
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
@@ -308,3 +337,21 @@ def build_cached_loaders(train_set, val_set, args, ctx):
     val_loader = CachedBatches(opened[1], val_set.targets, val_shard, args.batch_size, False, args.image_size,
                                ctx.device, drop_last=False)
     return train_loader, val_loader
+
+
+def cache_quality(count, args, team):
+    """The JPEG quality of a compressed cache, or None for the raw one. --cache_format auto: raw
+    while its projected size is at most RAW_MEMORY_FRACTION of rank 0's memory (then it stays in
+    the page cache), else compressed; rank 0 decides for every node."""
+    if args.cache_format != "auto":
+        return args.cache_quality if args.cache_format == "jpeg" else None
+    raw_bytes = count * args.resize_size ** 2 * 3
+    def decide():
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        compressed = raw_bytes > RAW_MEMORY_FRACTION * memory
+        if compressed:
+            print(f"Image cache: compressed (JPEG quality {args.cache_quality}): raw pixels would take "
+                  f"{raw_bytes / 2**30:.1f} GiB, over a quarter of this machine's {memory / 2**30:.0f} GiB "
+                  "(--cache_format raw keeps them)", flush=True)
+        return args.cache_quality if compressed else None
+    return rank_0_decides(decide, team)

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 
-from config import check_data_folders, parse_args
+from config import parse_args
+from folders import check_data_folders
 from errors import ConfigError, DataError
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ddp.py")

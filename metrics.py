@@ -74,9 +74,10 @@ class EpochSums:
                     nonfinite_steps=int(self.nonfinite_steps.item()))
 
 
-def to_model_input(images, device, memory_format):
-    """uint8 batch -> normalised float on the device, channels-last if asked (the model is too)."""
-    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+def to_model_input(images, device, training):
+    """uint8 batch -> the run's normalised float on the device, channels-last if asked (the model is too)."""
+    images = normalize(images.to(device, non_blocking=True), training.mean, training.std)
+    return images.contiguous(memory_format=training.memory_format)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batch
         if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
             if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
                 return None
-        images = to_model_input(images, ctx.device, training.memory_format)
+        images = to_model_input(images, ctx.device, training)
         labels = labels.to(ctx.device, non_blocking=True)
         indices = indices.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
-from checkpoint import first_line, load_checkpoint, strip_wrapper_prefixes
-from config import find_files
+from checkpoint import checkpoint_preprocessing, first_line, load_checkpoint, strip_wrapper_prefixes
+from folders import find_files
 from dataset import load_eval, normalize
 from errors import CheckpointError, ModelError
 from model import build_model
@@ -68,7 +68,7 @@ def parse_args(argv):
 
 def find_images(inputs):
     """Files as given (any extension: the user named them), folders searched for image extensions
-    as training searches its class folders (config.find_files, which warns about what it skips)."""
+    as training searches its class folders (folders.find_files, which warns about what it skips)."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -104,15 +104,16 @@ def load_model(checkpoint, weights, device):
 class ImageFiles(Dataset):
     """Any image paths through validation's own load_eval, so preprocessing cannot drift from it."""
 
-    def __init__(self, paths, image_size):
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths, preprocessing):
+        self.paths, self.preprocessing = paths, preprocessing
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            return index, TF.pil_to_tensor(load_eval(self.paths[index], self.image_size)), None
+            image = load_eval(self.paths[index], self.preprocessing["image_size"], self.preprocessing["resize_size"])
+            return index, TF.pil_to_tensor(image), None
         except Exception as exc:  # one broken file must not cost the other predictions
             return index, None, first_line(exc)
 
@@ -125,11 +126,12 @@ def collate(batch):
 
 
 @torch.no_grad()
-def predict(model, paths, class_names, image_size, args, device):
-    """One result per path: {path, predictions: [{class, probability}] best first} or {path, error}."""
+def predict(model, paths, class_names, preprocessing, args, device):
+    """One result per path: {path, predictions: [{class, probability}] best first} or {path, error}.
+    `preprocessing` is the checkpoint's (checkpoint_preprocessing): the run's own evaluation transform."""
     results = [None] * len(paths)
     topk = min(args.topk, len(class_names))
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(ImageFiles(paths, preprocessing), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate, pin_memory=device.type == "cuda")
     for indices, images, errors in loader:
         for i, error in errors.items():
@@ -138,7 +140,8 @@ def predict(model, paths, class_names, image_size, args, device):
         if images is None:
             continue
         # float32, as validation without --use_amp: probabilities must not depend on autocast.
-        probs = model(normalize(images.to(device, non_blocking=True))).float().softmax(dim=1)
+        images = normalize(images.to(device, non_blocking=True), preprocessing["mean"], preprocessing["std"])
+        probs = model(images).float().softmax(dim=1)
         top_p, top_i = probs.topk(topk, dim=1)
         for i, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
             results[i] = dict(path=paths[i], predictions=[
@@ -184,8 +187,7 @@ def main(argv=None):
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         # load_checkpoint maps to the CPU; the model then moves to the chosen device once.
         model = load_model(checkpoint, getattr(args, "weights", "model"), device)
-        results = predict(model, paths, checkpoint["class_names"], checkpoint["config"].get("image_size", 224),
-                          args, device)
+        results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device)
         print_table(results)
         if args.output:
             write_output(results, args.output)

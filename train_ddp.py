@@ -192,7 +192,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
 
 def forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx):
     """One micro-batch: forward under autocast, scaled backward, running sums. Returns the loss."""
-    images = to_model_input(images, ctx.device, training.memory_format)
+    images = to_model_input(images, ctx.device, training)
     labels = labels.to(ctx.device, non_blocking=True)
     # DDP decides whether to all-reduce during forward, so forward and backward both sit in no_sync.
     skip_sync = training.model.no_sync() if not is_update and ctx.distributed else nullcontext()

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import InterpolationMode
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, eval_resize_size, prepare_digits_demo
+from config import PREPROCESSING_FLAGS, check_preprocessing, fill_preprocessing
+from dataset import build_datasets, build_loaders, prepare_digits_demo
 from distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from errors import ModelError
 from image_cache import build_cached_loaders
@@ -41,6 +43,8 @@ class Training:
     ema: torch.optim.swa_utils.AveragedModel | None
     amp_dtype: torch.dtype
     memory_format: torch.memory_format
+    mean: tuple                     # the run's normalisation (--mean, --std), of 0-1 pixels
+    std: tuple
     batches_per_epoch: int          # per process, after --limit_train_batches
     steps_per_epoch: int            # optimizer steps: batches over accumulation, rounded up
     learning_rate: float            # --learning_rate after --scale_lr
@@ -52,8 +56,10 @@ class Training:
 
 
 def build_data(args, ctx):
-    """The datasets and their loaders: image files, or the decoded cache with --cache_images. A
-    model that cannot take --image_size is refused first, before any data is read or written."""
+    """The datasets and their loaders: image files, or the decoded cache with --cache_images. The
+    preprocessing is settled first (resolve_preprocessing), and a model that cannot take
+    --image_size is refused before any data is read or written."""
+    resolve_preprocessing(args, ctx)
     check_image_size(args.model, args.image_size)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
@@ -94,7 +100,8 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     if args.use_amp and amp_dtype == torch.bfloat16 and ctx.device.type == "cpu" and ctx.is_main:
         warn_slow_cpu_bf16()
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
-    return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, batches_per_epoch,
+    return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, tuple(args.mean),
+                    tuple(args.std), batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
                     JointChecks(ctx.device), trace)
 
@@ -133,7 +140,6 @@ def starting_weights(args, ctx):
     if not args.pretrained:
         return args.pretrained_weights
     entry = pretrained_entry(args.model, args.pretrained)
-    note_preprocessing(entry, args, ctx)
     error = None
     if ctx.local_rank == 0:
         try:
@@ -146,18 +152,24 @@ def starting_weights(args, ctx):
     return pretrained_file(entry, download=False)
 
 
-def note_preprocessing(entry, args, ctx):
-    """Say so when the run's evaluation transform differs from the one the weights were trained
-    with (their crop and resize sizes, mean and std): never silently another input."""
-    transforms = entry.transforms()
-    crop, resize = transforms.crop_size[0], transforms.resize_size[0]
-    same = ((crop, resize) == (args.image_size, eval_resize_size(args.image_size))
-            and all(math.isclose(a, b) for a, b in zip(transforms.mean + transforms.std, IMAGENET_MEAN + IMAGENET_STD)))
-    if not same:
-        main_print(ctx, f"Note: {entry} was trained on {crop} px crops of images resized to {resize} px (mean "
-                        f"{list(transforms.mean)}, std {list(transforms.std)}); this run uses {args.image_size} px "
-                        f"crops of {eval_resize_size(args.image_size)} px with ImageNet's mean and std "
-                        f"(--image_size {crop} matches its crop)")
+def resolve_preprocessing(args, ctx):
+    """With --pretrained, the preprocessing flags not given take the weights' own values
+    (torchvision's weights.transforms(): crop and resize sizes, mean, std; a crop size of your own
+    keeps the weights' resize ratio), said in one line naming what you set. Without, config.py has
+    already filled them in with the torchvision recipe's (224 px crops of 256 px, ImageNet's)."""
+    if not args.pretrained or None not in (getattr(args, name) for name in PREPROCESSING_FLAGS):
+        return
+    entry = pretrained_entry(args.model, args.pretrained)
+    given = [f"--{name}" for name in PREPROCESSING_FLAGS if getattr(args, name) is not None]
+    own = entry.transforms()
+    crop, resize = own.crop_size[0], own.resize_size[0]
+    fill_preprocessing(args, crop, crop / resize, own.mean, own.std)
+    check_preprocessing(args)
+    resampling = ("" if own.interpolation == InterpolationMode.BILINEAR else
+                  f"; resized bilinearly, where the weights were evaluated {own.interpolation.value}")
+    main_print(ctx, f"Preprocessing: {args.image_size} px crops, evaluation images resized to {args.resize_size} px "
+                    f"first, mean {args.mean}, std {args.std}: {entry}'s own"
+                    + (f", except what you set ({', '.join(given)})" if given else "") + resampling)
 
 
 def warn_slow_cpu_bf16():

@@ -12,9 +12,11 @@ ImageFolder (a temporary folder, or --data DIR, reused when already complete), t
 - (c) the same with fast_decode=False (full-size decode): isolates the draft-mode gain;
 - (d) project, cache path: the train loader training.build_data makes with --cache_images
   (image_cache.CachedBatches over the cache it builds once, reported separately) in the main
-  process (its crops run batched), normalised likewise.
+  process (its crops run batched), normalised likewise;
+- (e) the same over the compressed cache (--cache_format jpeg: JPEGs at the storage size, decoded
+  by the reader threads).
 
-(a)-(c) run at num_workers 1 and 2; (d) runs in the main process and is compared with both.
+(a)-(c) run at num_workers 1 and 2; (d) and (e) run in the main process and are compared with both.
 Ratios are to the baseline at the same worker count, per round, then median and range.
 
     python bench/input_pipeline.py [--quick] [--data DIR] [--count N] [--repeats N] [--results_dir DIR]
@@ -44,6 +46,7 @@ from training import build_data
 
 IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
 VAL_PHOTOS = 10  # one per class: the validation folder training.build_data needs
+CACHED_PATHS = dict(raw="(d) project cache", jpeg="(e) project compressed cache")
 
 
 def photo(path, seed, size=(500, 375)):
@@ -143,22 +146,26 @@ def measure(root, count, image_size, batch, rounds, cache_dir):
             loader = build_loaders(dataset, dataset, batch, workers, 0, 1, seed=0, pin_memory=False)[0]
             runners[f"{label}, {workers}w"] = runner(loader, normalize)
         groups[workers] = [name for name in runners if name.endswith(f"{workers}w")]
-    began = time.perf_counter()
-    _, data = photo_data(root, count, batch, image_size, torch.device("cpu"),
-                         ["--cache_images", cache_dir, "--num_workers", "2"])
-    pixels = data.train_loader.images
-    build = dict(seconds=time.perf_counter() - began, mib=pixels.nbytes / 2**20, shape=pixels.shape)
-    runners["(d) project cache"] = runner(data.train_loader, normalize)
+    builds = []
+    for name, cache_format in (CACHED_PATHS["raw"], "raw"), (CACHED_PATHS["jpeg"], "jpeg"):
+        began = time.perf_counter()
+        _, data = photo_data(root, count, batch, image_size, torch.device("cpu"),
+                             ["--cache_images", cache_dir, "--num_workers", "2", "--cache_format", cache_format])
+        images = data.train_loader.images
+        builds.append(dict(format=cache_format, seconds=time.perf_counter() - began, mib=images.nbytes / 2**20,
+                           shape=images.shape))
+        runners[name] = runner(data.train_loader, normalize)
     results = harness.interleave(runners, rounds)
     rows = []
     for workers, names in groups.items():
         base = results[names[0]]
-        for name in names + ["(d) project cache"]:
+        for name in names + list(CACHED_PATHS.values()):
             median, ratio, spread = common.summary(results[name], base)
-            label = name.rsplit(",", 1)[0] if name != "(d) project cache" else name
-            shown = "main process" if name == "(d) project cache" else str(workers)
+            cached = name in CACHED_PATHS.values()
+            label = name if cached else name.rsplit(",", 1)[0]
+            shown = "main process" if cached else str(workers)
             rows.append([image_size, f"{workers} worker(s)", label, shown, common.fmt(median), f"{ratio:.2f}", spread])
-    return rows, build
+    return rows, builds
 
 
 def profile_stages(train_dir, count):
@@ -241,17 +248,19 @@ def main():
             return
         rows, builds = [], []
         for image_size in (224, 64):
-            size_rows, build = measure(root, count, image_size, batch, rounds, os.path.join(scratch, "cache"))
+            size_rows, size_builds = measure(root, count, image_size, batch, rounds, os.path.join(scratch, "cache"))
             rows += size_rows
-            builds.append([image_size, "x".join(map(str, build["shape"])), f"{build['mib']:.1f}",
-                           f"{build['seconds']:.2f}", common.fmt(files / build["seconds"])])
+            builds += [[image_size, build["format"], "x".join(map(str, build["shape"])), f"{build['mib']:.1f}",
+                        f"{build['mib'] / size_builds[0]['mib']:.3f}", f"{build['seconds']:.2f}",
+                        common.fmt(files / build["seconds"])] for build in size_builds]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     body = (common.table(["image size", "group", "path", "workers", "images/s (median)",
                           "ratio to baseline, same group (median)", "ratio range"], rows)
             + "\n\nOne-time cache build (training.build_data with --cache_images: the training cache and the "
               f"{VAL_PHOTOS}-image validation one, 2 decode workers; images/s counts training images):\n\n"
-            + common.table(["image size", "cache shape", "size (MiB)", "build time (s)", "images/s"], builds))
+            + common.table(["image size", "format", "cache shape (decoded)", "size (MiB)", "size / raw",
+                            "build time (s)", "images/s"], builds))
     title = "Input pipeline: batches from JPEG files and from the image cache"
     common.write_report(args.results_dir, "input_pipeline", title, body, [
         f"Data: {files} JPEGs, mean {mean_bytes / 1024:.0f} KiB ({'reused ' + root if args.data else 'generated'}"
@@ -260,8 +269,9 @@ def main():
         "so worker start-up is excluded but each pass's pipeline fill is included.",
         "Every path ends with the same normalised float32 NCHW batch in the main process (the project paths "
         "normalise their uint8 batches with dataset.normalize; the baseline's workers do it with Normalize).",
-        "The cache path runs in the main process (no workers); it is measured once per round and listed in both "
-        "groups, compared with that group's baseline."])
+        "The cache paths run in the main process (no workers; reader threads: image_cache.READER_THREADS, "
+        "which decode the compressed cache's JPEGs); each is measured once per round and listed in both groups, "
+        "compared with that group's baseline."])
 
 
 if __name__ == "__main__":

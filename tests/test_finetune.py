@@ -1,16 +1,23 @@
 """Fine-tuning as users do it, without internet: pretrained weights by name from torch.hub's cache
 (--pretrained), the offline error, a frozen backbone (--freeze_backbone_epochs), a slower backbone
 (--backbone_lr_scale), proven on real runs."""
+import glob
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import data_flags, run_cli, torchrun, train_cmd, write_image_folder
-from model import RESNET18_IMAGENET_FILE, build_model
+from torchvision.models import get_model
+from torchvision.transforms import functional as TF
+
+import export
+from conftest import REPO, data_flags, run_cli, torchrun, train_cmd, write_image_folder
+from dataset import load_eval, normalize
+from model import RESNET18_IMAGENET_FILE, build_model, pretrained_entry
 
 URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 # Offline for real on any machine: HTTPS goes through a proxy port where nothing listens.
@@ -115,3 +122,43 @@ def test_freezing_with_two_processes_neither_hangs_nor_trains_the_frozen_backbon
     for key in ("features.0.weight", "features.3.weight"):
         assert torch.equal(first[key], initial[key]) and not torch.equal(second[key], initial[key])
     assert not torch.equal(first["fc.weight"], initial["fc.weight"])
+
+
+def test_the_weights_own_preprocessing_is_used_stored_and_applied_by_predict_and_export(tiny_data, tmp_path):
+    """RegNetY-400MF's IMAGENET1K_V2 weights were evaluated on 224 px crops of 232 px (not
+    224 / 0.875 = 256): a run that sets only --image_size 32 keeps their ratio (33 px, not 37),
+    and mean/std set by the user win. Predictions and the ONNX metadata follow the checkpoint."""
+    entry = pretrained_entry("regnet_y_400mf", "IMAGENET1K_V2")
+    home = tmp_path / "torch_home"
+    os.makedirs(home / "hub" / "checkpoints")
+    torch.save(get_model("regnet_y_400mf").state_dict(), home / "hub" / "checkpoints" / os.path.basename(entry.url))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), model="regnet_y_400mf",
+                                           pretrained="IMAGENET1K_V2", image_size=32, limit_train_batches=1),
+                               "--mean", *map(str, mean), "--std", *map(str, std)), env={"TORCH_HOME": str(home)})
+    assert ("Preprocessing: 32 px crops, evaluation images resized to 33 px first, mean [0.5, 0.4, 0.3], std "
+            "[0.2, 0.25, 0.3]: RegNet_Y_400MF_Weights.IMAGENET1K_V2's own, except what you set (--image_size, "
+            "--mean, --std)") in result.stdout
+    path = f"{tmp_path}/checkpoints/checkpoint_best.pth"
+    checkpoint = torch.load(path)
+    assert checkpoint["preprocessing"] == dict(image_size=32, resize_size=33, mean=mean, std=std)
+
+    model = build_model("regnet_y_400mf", 3)
+    model.load_state_dict(checkpoint["model_state_dict"])
+    model.eval()
+    image = sorted(glob.glob(f"{tiny_data['val_dir']}/*/*.png"))[0]
+    with torch.no_grad():
+        def probabilities(resize_size):
+            pixels = TF.pil_to_tensor(load_eval(image, 32, resize_size))[None]
+            return model(normalize(pixels, mean, std)).softmax(dim=1)[0]
+        expected, other = probabilities(33), probabilities(37)
+    assert (expected - other).abs().max() > 1e-3  # the resize size shows in the result
+    predicted = run_cli([sys.executable, f"{REPO}/predict.py", "--checkpoint", path, image, "--topk", "3",
+                         "--output", f"{tmp_path}/predictions.json"])
+    assert predicted.returncode == 0
+    predictions = json.load(open(f"{tmp_path}/predictions.json"))[0]["predictions"]
+    for prediction in predictions:
+        index = checkpoint["class_names"].index(prediction["class"])
+        assert prediction["probability"] == pytest.approx(expected[index].item(), abs=1e-6)
+    metadata = export.export_metadata(checkpoint, "model")
+    assert (metadata["image_size"], metadata["resize_size"], metadata["mean"], metadata["std"]) == (32, 33, mean, std)

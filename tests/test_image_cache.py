@@ -100,8 +100,10 @@ def test_crop_boxes_are_drawn_exactly_as_on_the_file_path():
         assert a == b and 0 <= a[0] and a[0] + a[2] <= 73 and 0 <= a[1] and a[1] + a[3] <= 73
 
 
-def test_mid_epoch_start_yields_exactly_the_rest_of_the_epoch(tiny_data, tmp_path):
-    dataset, images, _ = open_cache(tiny_data["train_dir"], 16, tmp_path / "cache", train=True)
+@pytest.mark.parametrize("quality", [None, 90], ids=["raw", "compressed"])
+def test_mid_epoch_start_yields_exactly_the_rest_of_the_epoch(tiny_data, tmp_path, quality):
+    dataset = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True)
+    images = build_or_open(dataset, 16, str(tmp_path / "cache"), num_workers=0, quality=quality)[0]
     sampler = train_sampler(dataset, 4, rank=0, world_size=1, seed=0)
     loader = CachedBatches(images, dataset.targets, sampler, 4, True, 16, torch.device("cpu"), True, seed=0)
     sampler.set_epoch(2)
