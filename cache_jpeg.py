@@ -186,8 +186,9 @@ def assemble(temp_fd, spec, parts):
         copy_parts(temp_fd, spec, parts)
     except OSError as exc:
         raise DataError(no_room(spec, exc)) from None
-    for part, _ in parts:
-        remove_quietly(part)
+    finally:  # copied or not, the parts are done with (NodeLeader.close removes the temporary file)
+        for part, _ in parts:
+            remove_quietly(part)
     return True
 
 

@@ -74,6 +74,9 @@ def add_data_flags(data):
                            "once as a JPEG at the storage size (about a tenth of the bytes, decoded at load time); "
                            "auto: raw while it takes at most a quarter of this machine's memory")
     data.add_argument("--cache_quality", type=int, default=90, help="JPEG quality of a compressed image cache (1-100)")
+    data.add_argument("--decode_on_device", action="store_true",
+                      help="decode JPEG files in batches on the training device (nvjpeg on a GPU) instead of in "
+                           "DataLoader workers: for GPUs whose host cannot decode fast enough; no cache")
     data.add_argument("--no_augmentation", action="store_true",
                       help="train on the evaluation transform (resize + center crop) instead of random crops and flips")
     data.add_argument("--skip_bad_images", action="store_true",
@@ -310,6 +313,9 @@ def validate_args(args):
         raise ConfigError(f"--std takes three values in (0, 1] (pixels scaled to 0-1), got {args.std}")
     if args.image_size is not None and args.image_size < SMALLEST_IMAGE_SIZE.get(args.model, 1):
         raise ConfigError(image_size_too_small(args.model, args.image_size, SMALLEST_IMAGE_SIZE[args.model]))
+    if args.decode_on_device and (args.cache_images or args.skip_bad_images):
+        raise ConfigError(f"--decode_on_device reads the image files every epoch; it cannot be combined with "
+                          f"--{'cache_images' if args.cache_images else 'skip_bad_images'} (drop one of them)")
     if not 1 <= args.cache_quality <= 100:
         raise ConfigError(f"--cache_quality must be in [1, 100], got {args.cache_quality}")
     if args.num_workers < 0:

@@ -161,7 +161,7 @@ class CachedBatches:
                  seed=0, crop_scale=(0.08, 1.0), hflip_prob=0.5, augment=True):
         self.images, self.labels, self.sampler = images, torch.as_tensor(labels), sampler
         self.compressed = isinstance(images, JpegImages)
-        if not self.compressed:
+        if isinstance(images, np.ndarray):  # None: a subclass reads elsewhere (device_decode.py)
             with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
                 warnings.simplefilter("ignore", UserWarning)
                 self.pixels = torch.from_numpy(images)

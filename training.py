@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 
 from config import PREPROCESSING_FLAGS, check_preprocessing, fill_preprocessing
 from dataset import build_datasets, build_loaders, prepare_digits_demo
+from device_decode import build_device_decoded_loaders
 from distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from errors import ModelError
 from image_cache import build_cached_loaders
@@ -56,9 +57,10 @@ class Training:
 
 
 def build_data(args, ctx):
-    """The datasets and their loaders: image files, or the decoded cache with --cache_images. The
-    preprocessing is settled first (resolve_preprocessing), and a model that cannot take
-    --image_size is refused before any data is read or written."""
+    """The datasets and their loaders: image files (decoded by DataLoader workers, or on the device
+    with --decode_on_device), or the decoded cache with --cache_images. The preprocessing is
+    settled first (resolve_preprocessing), and a model that cannot take --image_size is refused
+    before any data is read or written."""
     resolve_preprocessing(args, ctx)
     check_image_size(args.model, args.image_size)
     if args.demo:
@@ -66,6 +68,8 @@ def build_data(args, ctx):
     train_set, val_set, class_names = build_datasets(args, ctx.world_size)
     if args.cache_images:
         train_loader, val_loader = build_cached_loaders(train_set, val_set, args, ctx)
+    elif args.decode_on_device:
+        train_loader, val_loader = build_device_decoded_loaders(train_set, val_set, args, ctx)
     else:
         train_loader, val_loader = build_loaders(
             train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,

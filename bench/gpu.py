@@ -72,23 +72,27 @@ def synthetic_configurations(args):
     return configurations
 
 
-def pipeline_data(args, flags, device, cache):
-    """input_pipeline.photo_data over --images JPEGs in --data: the cache path (cache in
-    --data + "_cache") or the file path. Returns (train_ddp args, Data)."""
-    flags = [*flags, "--model", args.model, "--num_workers", str(args.workers)]
-    flags += ["--cache_images", args.data.rstrip("/") + "_cache"] if cache else []
+def pipeline_data(args, flags, device, path_flags):
+    """input_pipeline.photo_data over --images JPEGs in --data, with the input path's flags (a
+    cache goes to --data + "_cache"). Returns (train_ddp args, Data)."""
+    flags = [*flags, "--model", args.model, "--num_workers", str(args.workers), *path_flags]
     return photo_data(args.data, args.images, args.batch_size, args.image_size, device, flags)
 
 
 def real_pipelines(args, flags, device):
-    """Images/s of the cache and file paths, loader alone and training."""
+    """Images/s of the cache paths (raw; compressed, decoded by nvjpeg) and the file path, loader
+    alone and training."""
     began = time.perf_counter()
-    built = {name: pipeline_data(args, flags, device, cache=name == "cache") for name in ("cache", "files")}
-    print(f"({args.images} JPEGs and their cache ready in {time.perf_counter() - began:.0f} s)\n")
+    cache = ["--cache_images", args.data.rstrip("/") + "_cache", "--cache_format"]
+    paths = dict(cache=cache + ["raw"], compressed=cache + ["jpeg"], files=[], device_decode=["--decode_on_device"])
+    built = {name: pipeline_data(args, flags, device, path_flags) for name, path_flags in paths.items()}
+    print(f"({args.images} JPEGs and their caches ready in {time.perf_counter() - began:.0f} s)\n")
     print(TABLE_HEAD)
     rates = {}
     for name, label in (("cache", f"JPEG cache, crops on {device.type}"),
-                        ("files", f"JPEG files, {args.workers} PIL workers")):
+                        ("compressed", f"compressed cache, decoded and cropped on {device.type}"),
+                        ("files", f"JPEG files, {args.workers} PIL workers"),
+                        ("device_decode", f"JPEG files decoded in batches on {device.type}")):
         run_args, data = built[name]
         loader_only(f"{label}: loader alone (no model)", data.train_loader, device)
         rates[name] = measure(label, lambda: harness.project_loop(run_args, data, device), device, args.repeats)
@@ -146,7 +150,9 @@ def main():
     print(f"\nReal pipelines with the best uncompiled setting ({best_label}):\n")
     rates.update(real_pipelines(args, configurations[best_label], device))
     ceiling = rates[best_label]
-    print(f"\nRatios to synthetic ({best_label}): cache {rates['cache'] / ceiling:.2f}, files {rates['files'] / ceiling:.2f}")
+    print(f"\nRatios to synthetic ({best_label}): cache {rates['cache'] / ceiling:.2f}, compressed cache "
+          f"{rates['compressed'] / ceiling:.2f}, files {rates['files'] / ceiling:.2f}, files decoded on the "
+          f"device {rates['device_decode'] / ceiling:.2f}")
     if args.pipelines:
         return
     fp32 = rates["synthetic, fp32"]

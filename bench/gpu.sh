@@ -31,3 +31,5 @@ for dtype in float16 bfloat16; do
 done
 python3 bench/gpu.py 2>&1 | tr "\r" "\n" | grep -v -E "it/s|^ *$"
 python3 bench/profile_cache_gpu.py sweep 2>&1 | tr "\r" "\n" | grep -v -E "it/s|^ *$"
+echo "== fine-tuning: a frozen backbone and float16 AMP, step time and peak GPU memory"
+python3 bench/finetune.py --repeats 2 --results_dir /tmp/gpu_results 2>&1 | tail -8

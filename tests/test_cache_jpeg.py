@@ -119,3 +119,20 @@ def test_cache_quality_out_of_range_is_refused_in_one_line(tiny_data, tmp_path):
                                            cache_quality=0)), check=False)
     assert result.returncode == 2 and "--cache_quality must be in [1, 100], got 0" in result.stderr
     assert not os.path.exists(f"{tmp_path}/c")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a lent GPU: bench/gpu.sh)")
+def test_gpu_batches_decode_the_compressed_cache_with_nvjpeg_like_the_cpu_readers(photo_folder, tmp_path):
+    dataset = AugmentedImageFolder(f"{photo_folder}/val", 32, train=False)
+    images = build_or_open(dataset, 32, str(tmp_path), num_workers=0, quality=90)[0]
+    rows = torch.arange(len(dataset))
+    on_cpu = torch.empty(images.shape, dtype=torch.uint8)
+    images.decode_into(rows, on_cpu)
+    on_gpu = images.decode_on(rows, torch.device("cuda"))
+    assert on_gpu.shape == on_cpu.shape and on_gpu.is_contiguous()
+    assert (on_gpu.cpu().int() - on_cpu.int()).abs().float().mean() < 1  # two IDCTs: within rounding
+    batches = [list(CachedBatches(images, dataset.targets, list(range(len(dataset))), 3, False, 32, torch.device(d),
+                                  False)) for d in ("cuda", "cpu")]
+    for (gpu_images, gpu_labels, _, _), (cpu_images, cpu_labels, _, _) in zip(*batches, strict=True):
+        assert gpu_images.device.type == "cuda" and torch.equal(gpu_labels.cpu(), cpu_labels)
+        assert (gpu_images.cpu().int() - cpu_images.int()).abs().float().mean() < 1

@@ -1,0 +1,115 @@
+"""--decode_on_device: the image files decoded in batches on the training device, with no cache:
+for GPUs whose host cannot decode JPEGs as fast as they train (BENCHMARKS.md: 16 cores decode
+about 3.6k photos/s, an H100 trains ResNet-18 at 15k).
+
+Reader threads read each batch's file bytes (image_cache.CachedBatches' machinery: batches read
+ahead, staged on a side CUDA stream, handed over in order). On a GPU the whole batch's JPEGs are
+decoded in one torchvision.io.decode_jpeg call (nvjpeg), then each image is cropped there with
+the file path's per-sample box and flip (dataset.random_resized_crop_box from sample_seed, drawn
+on the decoded size, as the file path draws it on the header's) and resized with torchvision's
+antialiased bilinear filter; evaluation resizes the shorter side to --resize_size and
+center-crops. Files that are not JPEGs (PNG, ...) are decoded by the reader threads on the CPU.
+Without CUDA the reader threads decode (libjpeg-turbo) and crop: the same batches, for tests and
+small machines, though DataLoader workers are usually faster on a CPU, so it stays opt-in.
+"""
+import random
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms import functional as TF
+
+from dataset import random_resized_crop_box, sample_seed, train_sampler
+from distributed import validation_shard
+from errors import DataError
+from image_cache import CachedBatches
+
+JPEG_START = (0xFF, 0xD8)
+
+
+class DeviceDecodedFiles(CachedBatches):
+    """Batches of an AugmentedImageFolder's files, decoded and cropped on `device`, in the form
+    and order of the other loaders: (uint8 NCHW images, labels, indices, skipped=0)."""
+
+    def __init__(self, dataset, sampler, batch_size, train, device):
+        super().__init__(None, dataset.targets, sampler, batch_size, train, dataset.image_size, device,
+                         drop_last=False, seed=dataset.seed, crop_scale=dataset.crop_scale,
+                         hflip_prob=dataset.hflip_prob, augment=dataset.augment)
+        self.dataset = dataset
+
+    def read_batch(self, chunk):
+        """The batch's files: JPEG bytes, or pixels decoded here for other formats. On a CPU they
+        are decoded and cropped here too (the reader threads release the GIL while they decode)."""
+        indices = torch.tensor([key[1] if self.train else key for key in chunk])
+        epochs = [key[0] for key in chunk] if self.train else [None] * len(chunk)
+        files = [self.read(index) for index in indices.tolist()]
+        labels = self.labels[indices]
+        if self.device.type != "cuda":
+            return self.decode_and_crop(files, epochs, indices), labels, indices, None, None
+        return (files, epochs), labels.pin_memory(), indices, None, None
+
+    def stage(self, batch, side_stream):
+        """On a GPU: the batch decoded and cropped on the side stream; returns at once."""
+        if side_stream is None:
+            return super().stage(batch, side_stream)
+        (files, epochs), labels, indices, _, _ = batch
+        with torch.cuda.stream(side_stream):
+            images = self.decode_and_crop(files, epochs, indices)
+            labels = labels.to(self.device, non_blocking=True)
+            return images, labels, indices, side_stream.record_event()
+
+    def read(self, index):
+        path = self.dataset.samples[index][0]
+        try:
+            data = read_file(path)
+            if tuple(data[:2].tolist()) == JPEG_START:
+                return data
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except (OSError, RuntimeError) as exc:
+            raise unreadable(path, exc) from None
+
+    def decode_and_crop(self, files, epochs, indices):
+        """Decode the batch's JPEGs in one call on the device, then crop each image."""
+        jpegs = [row for row, data in enumerate(files) if data.dim() == 1]
+        decoded = list(files)
+        try:
+            images = decode_jpeg([files[row] for row in jpegs], mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            images = [self.decode_one(files[row], indices[row].item()) for row in jpegs]
+        for row, image in zip(jpegs, images):
+            decoded[row] = image
+        size = self.image_size
+        crops = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=self.device)
+        for row, (image, epoch, index) in enumerate(zip(decoded, epochs, indices.tolist())):
+            crops[row] = self.transform(image.to(self.device, non_blocking=True), epoch, index)
+        return crops
+
+    def decode_one(self, data, index):
+        """One JPEG of a batch that failed to decode: the file that is broken, named."""
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as exc:
+            raise unreadable(self.dataset.samples[index][0], exc) from None
+
+    def transform(self, image, epoch, index):
+        """The file path's augmentation (or evaluation transform) of one decoded CHW image."""
+        size = self.image_size
+        if not (self.train and self.augment):
+            return TF.center_crop(TF.resize(image, self.dataset.resize_size, antialias=True), size)
+        height, width = image.shape[-2:]
+        rng = random.Random(sample_seed(self.seed, epoch, index))
+        left, top, crop_width, crop_height = random_resized_crop_box(width, height, self.crop_scale, rng)
+        crop = TF.resized_crop(image, top, left, crop_height, crop_width, [size, size], antialias=True)
+        return crop.flip(-1) if rng.random() < self.hflip_prob else crop
+
+
+def unreadable(path, exc):
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DataError(f"cannot read image {path} ({message}); fix or remove it, or train without --decode_on_device")
+
+
+def build_device_decoded_loaders(train_set, val_set, args, ctx):
+    """Train and val loaders that decode on ctx.device (--decode_on_device)."""
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
+    train_loader = DeviceDecodedFiles(train_set, sampler, args.batch_size, True, ctx.device)
+    val_shard = validation_shard(len(val_set), ctx.rank, ctx.world_size)
+    return train_loader, DeviceDecodedFiles(val_set, val_shard, args.batch_size, False, ctx.device)
