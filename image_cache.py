@@ -37,10 +37,10 @@ RAW_MEMORY_FRACTION = 0.25
 def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team(), resize_size=None, quality=None):
     """The cached (N, S, S, 3) uint8 array, S = resize_size (default image_size / 0.875), built once
     if missing; with a JPEG `quality`, the compressed cache (cache_jpeg.JpegImages) instead. A
-    collective: every rank of the job calls it. Rank 0 decides for all whether to
-    build; rank 0's node builds while the other nodes wait; a node that then cannot see the file (a
-    node-local cache directory) builds its own.
-    Returns (images, path, built): built is False when an existing cache was reused."""
+    collective: every rank of the job calls it. Rank 0 decides for all whether to build; rank 0's
+    node builds while the other nodes wait; a node that then cannot see the file (a node-local
+    cache directory) builds its own. Returns (images, path, built): built is False when an
+    existing cache was reused."""
     def look():
         usable_directory(cache_dir)
         spec = describe_cache(dataset, resize_size or storage_size(image_size), cache_dir, quality)
@@ -236,16 +236,7 @@ class CachedBatches:
         on a CPU than torch's uint8 resize (BENCHMARKS.md) and releases the GIL while it resizes."""
         on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
-        if self.compressed and on_gpu:
-            pixels = None  # decoded on the GPU when staged
-        else:
-            pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
-        if self.compressed and not on_gpu:
-            self.images.decode_into(indices, pixels)
-        elif not self.compressed:
-            # One copy, into pinned memory; torch's gather releases the GIL (numpy's take held it
-            # and stalled the training thread's kernel launches).
-            torch.index_select(self.pixels, 0, indices, out=pixels)
+        pixels = self.stored_pixels(indices, on_gpu)
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
@@ -261,6 +252,18 @@ class CachedBatches:
             crop = resized_crop(stored[row], (left, top, left + width, top + height), self.image_size, flip)
             crops[row] = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)
         return crops, labels, indices, None, None
+
+    def stored_pixels(self, indices, on_gpu):
+        """The batch's stored S x S images on the host (pinned for a GPU), or None for a compressed
+        cache on a GPU, which decodes them there when staged."""
+        if self.compressed and on_gpu:
+            return None
+        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
+        if self.compressed:
+            self.images.decode_into(indices, pixels)
+        else:  # one copy, into pinned memory; torch's gather releases the GIL (numpy's take held it
+            torch.index_select(self.pixels, 0, indices, out=pixels)  # and stalled the training thread)
+        return pixels
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes (left, top, width, height) and flips from sample_seed(seed, epoch,

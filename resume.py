@@ -28,8 +28,9 @@ RESETTABLE = {  # flag whose change needs the reset, the part it restarts, and w
     "lr_gamma": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
     "monitor_metric": ("reset_best", "best", "forget the best value, top-k and early-stopping count"),
 }
-APPLIED = ("freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing", "use_ema", "ema_decay", "use_amp",
-           "amp_dtype", "image_size", "resize_size", "mean", "std", "min_crop_scale", "hflip_prob", "no_augmentation", "seed",
+APPLIED = ("freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing", "use_ema",
+           "ema_decay", "use_amp", "amp_dtype", "image_size", "resize_size", "mean", "std", "cache_format",
+           "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation", "seed",
            "early_stopping_patience", "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
 
 

@@ -116,7 +116,7 @@ def main():
     vars(args).update(QUICK if args.quick else FULL)
     device = pick_device(args)
     torch.backends.cudnn.benchmark = True
-    run_args, data = pipeline_data(args, FLAGS, device, cache=True)
+    run_args, data = pipeline_data(args, FLAGS, device, ["--cache_images", args.data.rstrip("/") + "_cache"])
     for mode in args.modes:
         print(f"== {mode}", flush=True)
         MODES[mode](run_args, data, args, device)

@@ -98,11 +98,12 @@ def test_bench_input_pipeline(tmp_path):
     run_bench("input_pipeline.py", "--data", photos, "--results_dir", str(tmp_path))
     text = report(tmp_path, "input_pipeline")
     rows = table(text, "image size")
-    assert len(rows) == 2 * 2 * 4  # image sizes x worker groups x paths ((d) listed in both groups)
+    assert len(rows) == 2 * 2 * 5  # image sizes x worker groups x paths ((d) and (e) listed in both groups)
     assert {row[0] for row in rows} == {"224", "64"}
     assert all(number(row[4]) > 0 for row in rows)
     builds = table(text.split("One-time cache build")[1], "image size")
-    assert [row[0] for row in builds] == ["224", "64"] and all(number(row[3]) > 0 for row in builds)
+    assert [row[:2] for row in builds] == [["224", "raw"], ["224", "jpeg"], ["64", "raw"], ["64", "jpeg"]]
+    assert all(number(row[3]) > 0 for row in builds) and all(0 < number(row[4]) < 1 for row in builds[1::2])
     run_bench("input_pipeline.py", "--profile", "--data", photos, "--results_dir", str(tmp_path))
     stages = table(report(tmp_path, "input_pipeline_profile"), "image size")
     assert len(stages) == 5 + 2 * 6  # decodes, then 6 stages per image size
@@ -125,13 +126,14 @@ def test_bench_processes(tmp_path):
 def test_bench_gpu_quick_runs_its_configurations(tmp_path):
     out = run_bench("gpu.py", "--data", str(tmp_path / "photos"))
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| synthetic") or line.startswith("| JPEG")]
+            if line.startswith(("| synthetic", "| JPEG", "| compressed"))]
     labels = [row[0] for row in rows]
     assert labels[:6] == ["synthetic, fp32", "synthetic, fp32, channels_last", "synthetic, fp16",
                           "synthetic, fp16, channels_last", "synthetic, bf16", "synthetic, bf16, channels_last"]
-    assert len(rows) == 6 + 4  # then cache and files: loader alone, and training
-    assert all(number(row[1]) > 0 for row in rows)
-    assert re.search(r"Ratios to synthetic \(.*\): cache [\d.]+, files [\d.]+", out)
+    assert len(rows) == 6 + 8  # then the raw and compressed caches, files, files decoded on the device: loader
+    assert all(number(row[1]) > 0 for row in rows)  # alone, and training
+    assert re.search(r"Ratios to synthetic \(.*\): cache [\d.]+, compressed cache [\d.]+, files [\d.]+, files "
+                     r"decoded on the device [\d.]+", out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

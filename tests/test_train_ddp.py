@@ -10,7 +10,7 @@ import torch
 import train_ddp
 from conftest import (assert_same_weights, data_flags, load_weights, run_cli, torchrun,
                       train_cmd)
-from dataset import AugmentedImageFolder, build_loaders
+from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders
 from metrics import evaluate
 from model import build_model
 from distributed import DistContext
@@ -95,7 +95,8 @@ def evaluate_in_one_process(checkpoint_path, val_dir, image_size):
                                   seed=0, pin_memory=False)
     args = train_ddp.parse_args(["--batch_size", "3"])
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    pieces = SimpleNamespace(amp_dtype=torch.float32, memory_format=torch.contiguous_format)
+    pieces = SimpleNamespace(amp_dtype=torch.float32, memory_format=torch.contiguous_format, mean=IMAGENET_MEAN,
+                             std=IMAGENET_STD)
     return evaluate(model, val_loader, len(val_set), pieces, args, ctx)
 
 
