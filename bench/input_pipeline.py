@@ -41,7 +41,10 @@ from torchvision.transforms import functional as TF
 
 import common
 import harness
-from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, random_resized_crop_box
+from cache_file import storage_size
+from cache_jpeg import EncodeForCache
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize,
+                     random_resized_crop_box, resized_crop)
 from training import build_data
 
 IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
@@ -218,7 +221,26 @@ def profile_stages(train_dir, count):
             [size, "crop + resize alone: torch uint8 resized_crop (antialias)",
              per_image(lambda i: TF.resized_crop(tensors[i], boxes[i][1], boxes[i][0], boxes[i][3], boxes[i][2],
                                                  [size, size], antialias=True))]]
+        rows += compressed_cache_stages(project, size, len(files), per_image)
     return rows
+
+
+def compressed_cache_stages(dataset, size, count, per_image):
+    """The compressed cache's reader work per image: its stored JPEG (S x S, quality 90) decoded,
+    then cropped like the raw cache's (dataset.resized_crop in the S x S frame)."""
+    side = storage_size(size)
+    encoder = EncodeForCache(dataset.samples[:count], size, side, 90)
+    blobs = [torch.from_numpy(encoder[i][1]) for i in range(count)]
+    rng = random.Random(0)
+    boxes = [random_resized_crop_box(side, side, (0.08, 1.0), rng) for _ in range(count)]
+
+    def reader_work(i):
+        left, top, width, height = boxes[i]
+        pixels = decode_jpeg(blobs[i]).permute(1, 2, 0).numpy()
+        return resized_crop(pixels, (left, top, left + width, top + height), size, False)
+    return [[size, f"compressed cache: decode its {side} px JPEG ({np.mean([len(b) for b in blobs]) / 1024:.1f} "
+                   "KiB, decode_jpeg)", per_image(lambda i: decode_jpeg(blobs[i]))],
+            [size, "compressed cache: a reader's work (decode, crop + resize)", per_image(reader_work)]]
 
 
 def main():
