@@ -71,11 +71,14 @@ class JpegImages:
         """The JPEG bytes of these rows, as uint8 tensors (decode_jpeg's input)."""
         return [self.data[offset:offset + length] for offset, length in self.index[indices].tolist()]
 
+    def decode(self, index):
+        """One row decoded on the CPU: (S, S, 3) uint8 numpy (libjpeg-turbo, the GIL released)."""
+        return decode_jpeg(self.blobs([index])[0], mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
     def decode_into(self, indices, out):
-        """Decode rows `indices` into `out`, (B, S, S, 3) uint8, on the CPU (the GIL is released
-        while libjpeg-turbo decodes, so reader threads decode in parallel)."""
-        for row, blob in enumerate(self.blobs(indices.numpy())):
-            out[row] = decode_jpeg(blob, mode=ImageReadMode.RGB).permute(1, 2, 0)
+        """Decode rows `indices` into `out`, (B, S, S, 3) uint8, on the CPU."""
+        for row, index in enumerate(indices.tolist()):
+            out[row] = torch.from_numpy(self.decode(index))
 
     def decode_on(self, indices, device):
         """Rows `indices` decoded in one batched call on `device` (nvjpeg on a GPU), (B, S, S, 3)."""

@@ -30,7 +30,10 @@ from dataset import random_resized_crop_box, resized_crop, sample_seed, train_sa
 from errors import DataError
 
 
-READER_THREADS = min(4, os.cpu_count() or 1)
+READER_THREADS = min(4, os.cpu_count() or 1)  # for a GPU: they only gather (or decode) and pin
+# On a CPU torch's intra-op threads already occupy every core while a batch trains: more readers only
+# take cores from them (BENCHMARKS.md). One reader crops a batch in a few milliseconds, well within a step.
+CPU_READER_THREADS = 1
 RAW_MEMORY_FRACTION = 0.25
 
 
@@ -165,6 +168,7 @@ class CachedBatches:
             with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
                 warnings.simplefilter("ignore", UserWarning)
                 self.pixels = torch.from_numpy(images)
+            self.stored = np.asarray(images)  # a plain ndarray view: cheaper to index per image than a memmap
         self.batch_size, self.train, self.image_size, self.device = batch_size, train, image_size, device
         self.drop_last, self.seed, self.crop_scale, self.hflip_prob = drop_last, seed, crop_scale, hflip_prob
         self.augment = augment
@@ -181,9 +185,10 @@ class CachedBatches:
         keys = list(iter(self.sampler))
         starts = iter(range(0, len(self) * self.batch_size, self.batch_size))
         side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        with ThreadPoolExecutor(max_workers=READER_THREADS) as readers:
+        threads = READER_THREADS if side_stream else CPU_READER_THREADS
+        with ThreadPoolExecutor(max_workers=threads) as readers:
             pending = deque(readers.submit(self.read_batch, keys[s:s + self.batch_size])
-                            for s in islice(starts, 2 * READER_THREADS))
+                            for s in islice(starts, 2 * threads))
             staged = None
             try:
                 while pending:
@@ -231,27 +236,35 @@ class CachedBatches:
     def read_batch(self, chunk):
         """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
         memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
-        made here in the reader thread by the file path's resized_crop (PIL: the antialiased
-        bilinear filter of crop_and_flip and TF.resized_crop, within 1 of 255), which is faster
-        on a CPU than torch's uint8 resize (BENCHMARKS.md) and releases the GIL while it resizes."""
+        made here in the reader thread (crop_on_cpu)."""
         on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
-        pixels = self.stored_pixels(indices, on_gpu)
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
             boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+            if not on_gpu:
+                return self.crop_on_cpu(indices, boxes, flips), labels, indices, None, None
+        pixels = self.stored_pixels(indices, on_gpu)
         if on_gpu:
             pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
             return (pixels, pinned[0], indices) + tuple(pinned[1:])
-        if boxes is None:
-            return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None, None
-        crops = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        stored = pixels.numpy()
-        for row, ((left, top, width, height), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
-            crop = resized_crop(stored[row], (left, top, left + width, top + height), self.image_size, flip)
-            crops[row] = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)
-        return crops, labels, indices, None, None
+        return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None, None
+
+    def crop_on_cpu(self, indices, boxes, flips):
+        """The batch's training crops, NCHW uint8, by the file path's resized_crop (PIL: the
+        antialiased bilinear filter of crop_and_flip and TF.resized_crop, within 1 of 255; faster on
+        a CPU than torch's uint8 resize, BENCHMARKS.md, and it releases the GIL while it resizes).
+        Each crop is read straight from its stored (or decoded) image, with no parallel torch op in
+        this thread: one would start an OpenMP team of its own beside the training thread's, on
+        cores those already fill (measured: the cache path lost to the file path on a small model)."""
+        crops = np.empty((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for row, (index, (left, top, width, height), flip) in enumerate(
+                zip(indices.tolist(), boxes.tolist(), flips.tolist())):
+            stored = self.images.decode(index) if self.compressed else self.stored[index]
+            crop = resized_crop(stored, (left, top, left + width, top + height), self.image_size, flip)
+            crops[row] = np.asarray(crop).transpose(2, 0, 1)
+        return torch.from_numpy(crops)
 
     def stored_pixels(self, indices, on_gpu):
         """The batch's stored S x S images on the host (pinned for a GPU), or None for a compressed
