@@ -5,7 +5,8 @@ training and 64 validation images), ResNet-18 at --image_size 64, batch 64, one 
 `python train_ddp.py ... --epochs 1 --num_sanity_val_steps 0 --limit_val_batches 1`:
 
 - (a) file path, --num_workers 2;
-- (b) --cache_images (the warm-up round builds the cache; timed rounds reuse it);
+- (b) --cache_images (the warm-up round builds the cache; timed rounds reuse it); (b2) the same with
+  --cache_format jpeg (the compressed cache);
 - (c) the in-memory ceiling: harness.project_loop (the run training.build_training builds, trained
   by train_ddp.train_one_epoch over CachedBatches) on synthetic uint8 images stored at 73 px (what
   the cache stores for 64 px), cropped to 64 px with the cache's batched random crops, in this
@@ -18,7 +19,8 @@ the checkpoint save time (checkpoint.save_checkpoint of the checkpoint train_ddp
 epoch's end, RunState.to_checkpoint of a ResNet-18 run) as a fraction of the measured epoch time.
 --quick: 64 training and 16 validation images, tiny_cnn at 32 px, batch 16, no warm-up round.
 
-    python bench/end_to_end.py [--quick] [--data DIR] [--count N] [--repeats N] [--results_dir DIR]
+    python bench/end_to_end.py [--quick] [--data DIR] [--count N] [--model M] [--batch_size B] [--repeats N]
+                               [--results_dir DIR]
 """
 import os
 import shutil
@@ -77,6 +79,8 @@ def throughput_rows(root, scratch, size, rounds, warmup, epoch_seconds):
     runners = {"(a) CLI, files, 2 workers": cli_runner(*cli(root, scratch, "a", FILES, size), epoch_seconds["a"]),
                "(b) CLI, --cache_images": cli_runner(*cli(root, scratch, "b", cache_flags(scratch), size),
                                                      epoch_seconds["b"]),
+               "(b2) CLI, --cache_images --cache_format jpeg": cli_runner(
+                   *cli(root, scratch, "b2", cache_flags(scratch) + ["--cache_format", "jpeg"], size), []),
                "(c) in-memory, batched crops": in_memory(augment=True),
                "(c0) in-memory, center crop": in_memory(augment=False)}
     results = harness.interleave(runners, rounds, warmup)
@@ -127,9 +131,11 @@ def main():
     p = common.parser(__doc__, repeats=3)
     p.add_argument("--data", help="dataset folder to reuse (made there if missing); default: a temp dir")
     p.add_argument("--count", type=int, help="training JPEGs (default 1000, 64 with --quick)")
+    p.add_argument("--model", help="torchvision model (default resnet18, tiny_cnn with --quick)")
+    p.add_argument("--batch_size", type=int, help="batch size (default 64, 16 with --quick)")
     args = p.parse_args()
     size = dict(QUICK if args.quick else FULL)
-    size["count"] = args.count or size["count"]
+    size.update(count=args.count or size["count"], model=args.model or size["model"], batch=args.batch_size or size["batch"])
     rounds, saves = common.repeats(args), 2 if args.quick else 5
     scratch = tempfile.mkdtemp(prefix="bench-e2e-")
     try:

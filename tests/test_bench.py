@@ -84,6 +84,7 @@ def test_bench_end_to_end(tmp_path):
     text = report(tmp_path, "end_to_end")
     rows = table(text, "path")
     assert [row[0] for row in rows] == ["(a) CLI, files, 2 workers", "(b) CLI, --cache_images",
+                                        "(b2) CLI, --cache_images --cache_format jpeg",
                                         "(c) in-memory, batched crops", "(c0) in-memory, center crop"]
     assert all(number(row[1]) > 0 for row in rows)
     first_step = table(text.split("Time from command to the first training step")[1], "path")
