@@ -1,0 +1,529 @@
+"""Versus torchvision's reference: this project and `references/classification/train.py` of
+pytorch/vision, same recipe, same generated photos, 2 processes each (torchrun, gloo on the CPU).
+
+The reference script is not part of this repository: pass the path of its train.py (with the
+presets.py, transforms.py and utils.py it imports next to it) as --reference. Without it, or when
+the path does not exist, the script prints one line saying what to pass and exits 0.
+
+Data: input_pipeline.make_dataset's photo-like 500x375 JPEGs (default 960 training, 160
+validation, 10 classes; --quick: 64 and 16 at 160x120). Its photos do not depend on their class, so each photo is then given its
+class's colour cast (blended at TINT, re-saved as JPEG quality 90): the classes become learnable
+and the final top-1 accuracy means something. Both programs read the same folders.
+
+Runs, each a fresh `python -m torch.distributed.run --standalone --nproc_per_node=2 ...`:
+
+- reference: this script with --reference_worker, which patches a few calls at run time (below)
+  and then runs the reference's train.py with runpy as `__main__`, with its own flags;
+- project, files: `train_ddp.py` on the JPEG folders (--num_workers W);
+- project, --cache_images: the same with --cache_images (its fast path). One run builds the cache
+  first (reported on its own row); the timed rounds reuse it;
+- outside the shared recipe (--bf16_row, on by default, off with --quick): the project with
+  --cache_images --use_amp --amp_dtype bfloat16 (CPU bfloat16 autocast), which the reference
+  cannot do on the CPU (its --amp is torch.cuda.amp).
+
+The runs alternate within each round (--repeats rounds, default 2; 1 with --quick). Without
+--quick a cost model comes first: milliseconds per training image of the reference's item, the
+project's item and the ResNet-18 step, one thread, which bound the speed-up any input path can give.
+
+Recipe, in each program's own flags (`recipe` below): ResNet-18 from scratch (torchvision's
+architecture in both), 10 classes, random resized crops (scale 0.08-1, ratio 3/4-4/3, bilinear)
+and horizontal flips at --image_size px for training, resize to round(size / 0.875) + center crop
+for validation, batch 32 per process (global 64), AdamW (lr 1e-3, weight decay 1e-4, default
+betas), constant learning rate (the reference's StepLR with a step beyond the run; the project's
+--lr_scheduler none), no warm-up, no label smoothing, W data-loading workers per process,
+validation every epoch, checkpoints written every epoch. What cannot be made identical is listed
+in the report's notes (NOT_IDENTICAL).
+
+Measured: wall time from the command to its exit; training img/s (all ranks): the project's
+history samples_per_second, and for the reference the same quantity timed by the runner around
+the reference's own training loop (instrumentation only, see patch 6); final top-1 accuracy
+(the project's history val_acc, the reference's last `Acc@1` line).
+
+Run-time patches of the reference (in `reference_worker`; the reference's files are not edited):
+
+1. torch.cuda.set_device: a no-op (utils.init_distributed_mode calls it with LOCAL_RANK; there is
+   no GPU).
+2. torch.distributed.init_process_group: backend "nccl" becomes "gloo" (utils.init_distributed_mode
+   hard-codes nccl).
+3. torch.nn.parallel.DistributedDataParallel: device_ids is dropped (train.py passes
+   device_ids=[args.gpu]; DDP refuses device_ids for a CPU module).
+4. In utils' namespace only, torch.tensor(..., device="cuda") creates the tensor on the CPU
+   (SmoothedValue.synchronize_between_processes, and reduce_across_processes where utils has it,
+   put the values to all-reduce on "cuda").
+5. utils.reduce_across_processes, only when utils lacks it (a utils.py older than the train.py
+   that calls it): a CPU all-reduce (sum) of the value, as a tensor.
+6. Instrumentation, no change of behaviour: utils.MetricLogger.log_every is wrapped so that, for
+   the training loop (header "Epoch: ..."), rank 0 prints the loop's seconds (from the first
+   batch request, so the DataLoader's worker start-up is included, as in the project's figure, to
+   the end of the last step) and the images it trained times the world size.
+
+And its flag --device cpu (its default is cuda).
+
+    python bench/vs_reference.py --reference /path/to/vision/references/classification/train.py
+        [--quick] [--repeats N] [--data DIR] [--count N] [--val_count N] [--image_size PX]
+        [--epochs N] [--workers N] [--no-bf16_row] [--results_dir DIR]
+"""
+import os
+import sys
+
+TINT = 0.35  # share of the class colour in each photo's pixels
+WORLD = 2
+BATCH = 32
+EPOCH_LINE = "VSREF_TRAIN_EPOCH"  # printed by the runner (patch 6)
+REFERENCE = "torchvision reference (train.py)"
+BUILD = "project, --cache_images, first run (builds the cache)"
+BUILD_IN_ROUND = "project, --cache_images (round 1's run builds the cache)"
+BF16_FLAGS = ["--use_amp", "--amp_dtype", "bfloat16"]
+BF16 = "outside the shared recipe: project, --cache_images " + " ".join(BF16_FLAGS)
+FULL = dict(count=960, val_count=160, image_size=64, epochs=3, model="resnet18", photo_size=(500, 375))
+QUICK = dict(count=64, val_count=16, image_size=32, epochs=1, model="resnet18", photo_size=(160, 120))
+NOT_IDENTICAL = [
+    "Initial weights and sample order: the project is seeded (--seed 0, its own global-order sampler); the "
+    "reference has no seed flag and shuffles with DistributedSampler. Both are from-scratch ResNet-18s of the same "
+    "architecture and initialisation scheme, so accuracy agrees within run-to-run noise, not exactly.",
+    "JPEG decoding: the reference decodes every photo at full size (PIL) and then crops; the project decodes at "
+    "the smallest JPEG DCT scale that still covers the crop at the output size (PIL draft mode), or reads its "
+    "uint8 cache (--cache_images), so its pixels differ slightly.",
+    "Incomplete batches: the reference trains the last partial batch of an epoch; the project trains whole "
+    "global batches only. The default counts divide evenly (no difference).",
+    "Optimizer implementation: the project's AdamW is fused=True, the reference's is torch's default "
+    "(foreach); same update rule and hyper-parameters.",
+    "Loader workers: the reference's DataLoader starts its workers again every epoch (and passes "
+    "pin_memory=True, a no-op without a GPU); the project's workers persist across epochs.",
+    "Checkpoints: the reference saves model_<epoch>.pth and checkpoint.pth every epoch (torch.save); the project "
+    "saves checkpoint_latest.pth every epoch and checkpoint_best.pth when validation accuracy improves "
+    "(written to a temporary file, fsync'd, renamed).",
+    "Step-level host syncs: the reference reads loss, top-1 and top-5 with .item() every step; the project reads "
+    "its metrics every --log_every_steps (10) steps.",
+]
+
+
+def usage_line(reason):
+    return (f"vs_reference: skipped: {reason}; pass --reference PATH/TO/vision/references/classification/train.py "
+            "(torchvision's reference script, not part of this repository)")
+
+
+# --- the reference's runner (runs under torchrun; imports nothing of the project) -----------------
+
+def reference_worker(train_py, flags):
+    """Patch the few CUDA/NCCL-only calls (module docstring, patches 1-6), then run `train_py`
+    as __main__ with `flags`."""
+    import builtins
+    import runpy
+    import time
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    ref_dir = os.path.dirname(os.path.abspath(train_py))
+    bench = os.path.dirname(os.path.abspath(__file__))
+    # The reference's utils.py (and presets.py, transforms.py), never the project's utils.py.
+    sys.path[:] = [ref_dir] + [p for p in sys.path if os.path.abspath(p or ".") not in (bench, os.path.dirname(bench))]
+    torch.cuda.set_device = lambda device: None  # 1
+    init_process_group = dist.init_process_group
+
+    def gloo_init_process_group(*args, **kwargs):  # 2
+        if kwargs.get("backend") == "nccl":
+            kwargs["backend"] = "gloo"
+        elif args and args[0] == "nccl":
+            args = ("gloo",) + args[1:]
+        return init_process_group(*args, **kwargs)
+    dist.init_process_group = torch.distributed.init_process_group = gloo_init_process_group
+
+    class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):  # 3
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            kwargs.pop("output_device", None)
+            super().__init__(module, None, *args, **kwargs)
+    torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
+
+    import utils  # the reference's own utils.py (ref_dir is first on sys.path)
+    assert os.path.dirname(os.path.abspath(utils.__file__)) == ref_dir, utils.__file__
+
+    def cpu_tensor(*args, **kwargs):  # 4
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.tensor(*args, **kwargs)
+
+    class TorchForUtils(types.ModuleType):  # torch itself, but for `tensor`
+        def __getattr__(self, name):
+            return getattr(torch, name)
+    utils.torch = TorchForUtils("torch")
+    utils.torch.tensor = cpu_tensor
+
+    if not hasattr(utils, "reduce_across_processes"):  # 5
+        def reduce_across_processes(val):
+            t = torch.tensor(val)
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+                dist.all_reduce(t)
+            return t
+        utils.reduce_across_processes = reduce_across_processes
+
+    log_every = utils.MetricLogger.log_every
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def timed_log_every(self, iterable, print_freq, header=None):  # 6
+        if not str(header).startswith("Epoch"):
+            yield from log_every(self, iterable, print_freq, header)
+            return
+        start, images = time.perf_counter(), 0
+        for obj in log_every(self, iterable, print_freq, header):
+            images += len(obj[0])
+            yield obj
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            builtins.print(f"{EPOCH_LINE} {header} seconds {seconds:.4f} images {images * world}", flush=True)
+    utils.MetricLogger.log_every = timed_log_every
+
+    sys.argv = [train_py, *flags]
+    runpy.run_path(train_py, run_name="__main__")
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def class_colour(index, classes):
+    import colorsys
+    return [round(255 * c) for c in colorsys.hsv_to_rgb(index / classes, 0.9, 0.95)]
+
+
+def tint_photo(path, colour):
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    pixels = (1 - TINT) * pixels + TINT * np.asarray(colour, dtype=np.float32)
+    Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_photos(root, count, val_count, classes=10, photo_size=(500, 375)):
+    """input_pipeline.make_dataset's photos, each given its class's colour cast (once: a marker
+    file records it)."""
+    import multiprocessing
+    from input_pipeline import make_dataset
+    make_dataset(root, count, val_count, classes, size=photo_size)
+    marker = os.path.join(root, f".tinted-{count}-{val_count}-{classes}-{photo_size[0]}x{photo_size[1]}-{TINT}")
+    if os.path.exists(marker):
+        return root
+    other = [name for name in os.listdir(root) if name.startswith(".tinted-")]
+    if other:  # tinting again would compound the casts
+        raise SystemExit(f"error: {root} holds photos tinted for another set-up ({other[0]}); use a fresh --data")
+    jobs = []
+    for split in ("train", "val"):
+        for name in sorted(os.listdir(os.path.join(root, split))):
+            folder = os.path.join(root, split, name)
+            colour = class_colour(int(name.rsplit("_", 1)[1]), classes)
+            jobs += [(os.path.join(folder, f), colour) for f in sorted(os.listdir(folder))]
+    if len(jobs) <= 200:
+        for job in jobs:
+            tint_photo(*job)
+    else:
+        with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+            pool.starmap(tint_photo, jobs)
+    open(marker, "w").close()
+    return root
+
+
+# --- the runs -------------------------------------------------------------------------------------
+
+def torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+
+
+def recipe(size, workers):
+    """(reference flags, project flags) of the shared recipe."""
+    px, epochs = size["image_size"], size["epochs"]
+    from dataset import eval_resize_size
+    reference = ["--device", "cpu", "--model", size["model"], "--batch-size", str(BATCH), "--epochs", str(epochs),
+                 "--workers", str(workers), "--opt", "adamw", "--lr", "0.001", "--wd", "0.0001",
+                 "--lr-scheduler", "steplr", "--lr-step-size", str(epochs + 1), "--lr-warmup-epochs", "0",
+                 "--label-smoothing", "0", "--train-crop-size", str(px), "--val-crop-size", str(px),
+                 "--val-resize-size", str(eval_resize_size(px))]
+    project = ["--model", size["model"], "--batch_size", str(BATCH), "--epochs", str(epochs),
+               "--num_workers", str(workers), "--optimizer", "adamw", "--learning_rate", "0.001",
+               "--weight_decay", "0.0001", "--lr_scheduler", "none", "--warmup_steps", "0", "--label_smoothing", "0",
+               "--image_size", str(px), "--num_sanity_val_steps", "0", "--seed", "0"]
+    return reference, project
+
+
+def reference_run(train_py, root, out, flags):
+    import re
+    import common
+    os.makedirs(out, exist_ok=True)
+    run = common.run_timed(torchrun() + [os.path.abspath(__file__), "--reference_worker", train_py,
+                                         "--data-path", root, "--output-dir", out, *flags])
+    epochs = [(float(s), int(n)) for s, n in re.findall(rf"{EPOCH_LINE} .* seconds ([\d.]+) images (\d+)",
+                                                         run["output"])]
+    accs = [float(a) for a in re.findall(r"Acc@1 ([\d.]+)", run["output"])]
+    if not epochs or not accs:
+        raise RuntimeError(f"no epoch timing or Acc@1 in the reference's output:\n{run['output'][-3000:]}")
+    return dict(wall=run["wall"], sps=[n / s for s, n in epochs], train_seconds=sum(s for s, _ in epochs),
+                images=sum(n for _, n in epochs), accs=accs)
+
+
+def project_run(root, out, flags):
+    import re
+    import common
+    run = common.run_timed(torchrun() + ["train_ddp.py", "--train_dir", f"{root}/train", "--val_dir", f"{root}/val",
+                                         "--checkpoint_dir", f"{out}/checkpoints", "--log_dir", f"{out}/logs",
+                                         *flags])
+    history = common.read_history(f"{out}/logs")
+    return dict(wall=run["wall"], sps=list(history["samples_per_second"]), accs=list(history["val_acc"]),
+                images=None, train_seconds=None,
+                cache_build=sum(float(s) for s in re.findall(r"built in ([\d.]+) s", run["output"])))
+
+
+def run_rounds(train_py, root, scratch, size, workers, rounds, prebuild=True, bf16=False):
+    """{name: [result per round]}: first (if `prebuild`) the project's --cache_images run that
+    builds the cache, on its own row, then `rounds` rounds of the reference, the project on files
+    and the project with the cache (and with it in bfloat16 autocast if `bf16`), alternating
+    (without `prebuild` the first round's --cache_images run builds it)."""
+    import shutil
+    reference_flags, project_flags = recipe(size, workers)
+    cache = os.path.join(scratch, "cache")
+    runs = {
+        REFERENCE: lambda out: reference_run(train_py, root, out, reference_flags),
+        "project, JPEG files": lambda out: project_run(root, out, project_flags),
+        "project, --cache_images (cache built)": lambda out: project_run(root, out,
+                                                                         project_flags + ["--cache_images", cache]),
+    }
+    if bf16:
+        runs[BF16] = lambda out: project_run(root, out, project_flags + ["--cache_images", cache, *BF16_FLAGS])
+
+    def run(name, out):
+        try:
+            return runs[name](out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)  # checkpoints: hundreds of MB per run
+
+    build = run("project, --cache_images (cache built)", os.path.join(scratch, "out-build")) if prebuild else None
+    results = {name: [] for name in runs}
+    for round_index in range(rounds):
+        for name in runs:
+            results[name].append(run(name, os.path.join(scratch, f"out-{round_index}-{list(runs).index(name)}")))
+    bf16_runs = results.pop(BF16, None)
+    if build is not None:
+        results[BUILD] = [build]
+    else:  # the first --cache_images run built the cache
+        results[BUILD_IN_ROUND] = results.pop("project, --cache_images (cache built)")
+    if bf16_runs:
+        results[BF16] = bf16_runs  # last
+    return results
+
+
+def train_seconds(result, images_per_epoch):
+    """Training-loop seconds summed over the epochs."""
+    return result["train_seconds"] or sum(images_per_epoch / v for v in result["sps"])
+
+
+def train_sps(result, images_per_epoch):
+    """Training images (all ranks) over training seconds, all epochs together."""
+    images = result["images"] or len(result["sps"]) * images_per_epoch
+    return images / train_seconds(result, images_per_epoch)
+
+
+def report_rows(results, images_per_epoch):
+    import statistics
+    base = results[REFERENCE]
+    rows = []
+    for name, runs in results.items():
+        walls = [r["wall"] for r in runs]
+        train = [train_seconds(r, images_per_epoch) for r in runs]
+        sps = [train_sps(r, images_per_epoch) for r in runs]
+        wall_ratios = [b["wall"] / r["wall"] for b, r in zip(base, runs)]
+        sps_ratios = [s / train_sps(b, images_per_epoch) for b, s in zip(base, sps)]
+        rows.append([name, f"{statistics.median(walls):.1f}", "; ".join(f"{w:.1f}" for w in walls),
+                     f"{statistics.median(wall_ratios):.2f}", f"{min(wall_ratios):.2f}..{max(wall_ratios):.2f}",
+                     f"{statistics.median(train):.1f}", f"{statistics.median(w - t for w, t in zip(walls, train)):.1f}",
+                     f"{statistics.median(sps):.1f}", f"{statistics.median(sps_ratios):.2f}",
+                     "; ".join(f"{r['accs'][-1]:.1f}" for r in runs),
+                     "; ".join(" ".join(f"{a:.1f}" for a in r["accs"]) for r in runs)])
+    return rows
+
+
+def cost_model(train_py, root, size, photos=128, steps=10):
+    """Milliseconds per training image of each part, one thread (as each torchrun process has):
+    the reference's training item (ImageFolder + its presets.ClassificationPresetTrain, loaded
+    from next to train.py), the project's (dataset.AugmentedImageFolder: decode, crop, flip), and
+    the ResNet-18 step (forward, backward, AdamW) at batch BATCH, fused and foreach AdamW."""
+    import glob
+    import importlib.util
+    import statistics
+    import time
+
+    import torch
+    import torchvision
+    from dataset import AugmentedImageFolder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = importlib.util.spec_from_file_location("vsref_presets", os.path.join(os.path.dirname(train_py),
+                                                                                    "presets.py"))
+        presets = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(presets)
+        px, train_dir = size["image_size"], os.path.join(root, "train")
+        count = min(photos, len(glob.glob(os.path.join(train_dir, "*", "*.jpg"))))
+        reference_set = torchvision.datasets.ImageFolder(train_dir, presets.ClassificationPresetTrain(crop_size=px))
+        project_set = AugmentedImageFolder(train_dir, px, train=True, seed=0)
+
+        items = {"reference item (decode full size, RandomResizedCrop, flip, to float, Normalize)":
+                 lambda i: reference_set[i],
+                 "project item (draft-mode decode, crop, flip; uint8)": lambda i: project_set[(1, i)]}
+        item_seconds = {name: 0.0 for name in items}
+        for _ in range(2):  # two passes, the two items alternating image by image (the machine's load drifts)
+            for i in range(count):
+                for name, item in items.items():
+                    began = time.perf_counter()
+                    item(i)
+                    item_seconds[name] += time.perf_counter() - began
+        costs = {name: 1000 * seconds / (2 * count) for name, seconds in item_seconds.items()}
+        images, labels = torch.randn(BATCH, 3, px, px), torch.randint(0, 10, (BATCH,))
+        runs = {}
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = torchvision.models.resnet18(num_classes=10)
+            runs[fused] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                                                    fused=fused or None), [])
+        for _ in range(steps + 2):  # the two optimizers alternating step by step; the first 2 dropped
+            for model, optimizer, times in runs.values():
+                began = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - began)
+        for fused, (_, _, times) in runs.items():
+            costs[f"ResNet-18 step per image (forward, backward, AdamW {'fused' if fused else 'foreach'})"] = \
+                1000 * statistics.median(times[2:]) / BATCH
+        return costs
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cost_rows(costs):
+    reference_item, project_item, step_foreach, step_fused = costs.values()
+    rows = [[name, f"{ms:.2f}"] for name, ms in costs.items()]
+    files = (step_foreach + reference_item) / (step_fused + project_item)
+    cache = (step_foreach + reference_item) / step_fused
+    return rows, files, cache
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--reference_worker":
+        return reference_worker(sys.argv[2], sys.argv[3:])
+    import argparse
+
+    import common  # after the worker check: common measures the machine's idle share when imported
+    p = common.parser(__doc__, repeats=2)
+    p.add_argument("--reference", help="torchvision's references/classification/train.py (or its folder)")
+    p.add_argument("--data", help="dataset folder to reuse (made there if missing); default: a temp dir")
+    p.add_argument("--count", type=int,
+                   help=f"training photos (default {FULL['count']}, {QUICK['count']} with --quick)")
+    p.add_argument("--val_count", type=int, help=f"validation photos (default {FULL['val_count']})")
+    p.add_argument("--image_size", type=int, help=f"crop size in px (default {FULL['image_size']})")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
+    p.add_argument("--workers", type=int, default=1, help="data-loading workers per process, both programs "
+                                                          "(default 1: 2 processes x 1 worker on 2 cores)")
+    p.add_argument("--bf16_row", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the project with --cache_images " + " ".join(BF16_FLAGS) + " (default: on, off "
+                        "with --quick)")
+    args = p.parse_args()
+    train_py = args.reference
+    if train_py and os.path.isdir(train_py):
+        train_py = os.path.join(train_py, "train.py")
+    if not train_py:
+        print(usage_line("no --reference given"), flush=True)
+        return 0
+    if not os.path.isfile(train_py):
+        print(usage_line(f"{train_py} does not exist"), flush=True)
+        return 0
+    return measure(args, os.path.abspath(train_py))
+
+
+def measure(args, train_py):
+    import shutil
+    import tempfile
+
+    import common
+    import harness  # noqa: F401  (puts the repository on sys.path)
+    from input_pipeline import folder_stats
+
+    size = dict(QUICK if args.quick else FULL)
+    for key in ("count", "val_count", "image_size", "epochs"):
+        size[key] = getattr(args, key) or size[key]
+    rounds = common.repeats(args)
+    scratch = tempfile.mkdtemp(prefix="bench-vsref-")
+    try:
+        root = make_photos(args.data or os.path.join(scratch, "data"), size["count"], size["val_count"],
+                           photo_size=size["photo_size"])
+        files, mean_bytes = folder_stats(os.path.join(root, "train"))
+        costs = None if args.quick else cost_model(train_py, root, size)
+        bf16 = not args.quick if args.bf16_row is None else args.bf16_row
+        results = run_rounds(train_py, root, scratch, size, args.workers, rounds, prebuild=not args.quick, bf16=bf16)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    reference_flags, project_flags = recipe(size, args.workers)
+    steps = size["count"] // (BATCH * WORLD)
+    body = (common.table(["run", "wall s (median)", "wall s per round", "speed-up: reference wall / wall (median)",
+                          "speed-up range", "training s (median)", "rest of wall s (median)",
+                          "training img/s, all ranks (median)", "img/s ratio to reference (median)",
+                          "final top-1 % per round", "top-1 % per epoch, per round"],
+                         report_rows(results, steps * BATCH * WORLD))
+            + "\n\nFlags (each program's own; data and output paths added per run):\n\n"
+            + f"- reference: `torchrun --standalone --nproc_per_node={WORLD} {train_py} {' '.join(reference_flags)}` "
+              "(through this script's runner, which applies the patches below)\n"
+            + f"- project: `torchrun --standalone --nproc_per_node={WORLD} train_ddp.py {' '.join(project_flags)}` "
+              "(and `--cache_images DIR`)\n"
+            + "\nRun-time patches of the reference (its files are not edited; see this script's docstring):\n\n"
+            + "\n".join(f"{i}. {text}" for i, text in enumerate(PATCHES, 1)))
+    if costs:
+        rows, files_bound, cache_bound = cost_rows(costs)
+        body += ("\n\nWhat each training image costs, one thread, in this process (the reference's item from its own "
+                 "presets.py):\n\n" + common.table(["part", "ms per image"], rows)
+                 + f"\n\nIf training were only these parts, CPU-bound on both cores, the project's speed-up over the "
+                   f"reference would be at most (reference step + reference item) / (project step + project item) "
+                   f"= **{files_bound:.2f}** on files and (reference step + reference item) / project step = "
+                   f"**{cache_bound:.2f}** with the cache (whose per-image work is a uint8 copy and a crop).")
+    common.write_report(args.results_dir, "vs_reference", "Versus torchvision's reference classification script",
+                        body, [
+        f"Data: {files} training photos (input_pipeline.make_dataset, {'x'.join(map(str, size['photo_size']))} JPEG, "
+        f"mean {mean_bytes / 1024:.0f} "
+        f"KiB) and {size['val_count']} validation, 10 classes, each photo blended {TINT:.0%} with its class's colour "
+        f"so the classes are learnable; {size['model']}, {size['image_size']} px, batch {BATCH} x {WORLD} processes, "
+        f"{steps} steps per epoch, {size['epochs']} epoch(s), {args.workers} loader worker(s) per process, CPU "
+        "float32, gloo; torchrun sets 1 intra-op thread per process.",
+        f"First the project's --cache_images run that builds the cache (its own row), then {rounds} round(s) of the "
+        "runs alternating; each run is a fresh torchrun; speed-ups are per round (reference wall / run wall; "
+        "the first-run row against round 1's reference), then median and range. Wall time is from the command to "
+        "its exit: start-up, data set-up (the cache build in the first run), training, validation every epoch and "
+        "checkpoints; training s is the training loops' seconds summed over the epochs, and the rest is wall minus "
+        "training.",
+        "Training img/s: training images (all ranks) over the training loops' seconds; the first epoch's loop "
+        "includes the loader's worker start-up in both programs.",
+        *([f"The first run's cache build (decoding the {files} training and {size['val_count']} validation photos "
+           f"into uint8 caches, as the project prints it): {results[BUILD][0]['cache_build']:.1f} s of its wall "
+           "time; its speed-up is against round 1's reference, a single pair on a machine whose load drifts."]
+          if BUILD in results else []),
+        *[f"Not identical: {text}" for text in NOT_IDENTICAL],
+        *([f"The row marked outside the shared recipe: {' '.join(BF16_FLAGS)} runs the project's forward pass "
+           "and loss under CPU bfloat16 autocast (weights, gradients and AdamW stay float32). The reference has no "
+           "CPU equivalent: its --amp is torch.cuda.amp (CUDA only), so it would need editing."] if bf16 else [])])
+    return 0
+
+
+PATCHES = [
+    "`torch.cuda.set_device`: a no-op (utils.init_distributed_mode calls it; no GPU).",
+    "`torch.distributed.init_process_group`: backend nccl -> gloo (utils.init_distributed_mode hard-codes nccl).",
+    "`torch.nn.parallel.DistributedDataParallel`: device_ids dropped (train.py passes device_ids=[args.gpu]; "
+    "DDP refuses them for a CPU module).",
+    "In utils' namespace only, `torch.tensor(..., device=\"cuda\")` makes a CPU tensor (the metric all-reduces).",
+    "`utils.reduce_across_processes` supplied (a CPU all-reduce) only where the given utils.py lacks it (a "
+    "utils.py older than its train.py).",
+    "Instrumentation only: `utils.MetricLogger.log_every` timed around the training loop (rank 0 prints its "
+    "seconds and images).",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
