@@ -54,7 +54,7 @@ class JpegSpec(CacheSpec):
 
 class JpegImages:
     """A published compressed cache, mapped read-only: `len`, `shape` and `nbytes` like the raw
-    cache's array, and `decode_into` for a batch of rows."""
+    cache's array, `decode` (a row, on the CPU) and `decode_on` (rows, batched on a device)."""
 
     def __init__(self, spec, data):
         self.spec = spec
@@ -74,11 +74,6 @@ class JpegImages:
     def decode(self, index):
         """One row decoded on the CPU: (S, S, 3) uint8 numpy (libjpeg-turbo, the GIL released)."""
         return decode_jpeg(self.blobs([index])[0], mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
-
-    def decode_into(self, indices, out):
-        """Decode rows `indices` into `out`, (B, S, S, 3) uint8, on the CPU."""
-        for row, index in enumerate(indices.tolist()):
-            out[row] = torch.from_numpy(self.decode(index))
 
     def decode_on(self, indices, device):
         """Rows `indices` decoded in one batched call on `device` (nvjpeg on a GPU), (B, S, S, 3)."""

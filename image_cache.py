@@ -243,40 +243,41 @@ class CachedBatches:
         boxes = flips = None
         if self.train and self.augment:
             boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-            if not on_gpu:
-                return self.crop_on_cpu(indices, boxes, flips), labels, indices, None, None
-        pixels = self.stored_pixels(indices, on_gpu)
-        if on_gpu:
-            pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
-            return (pixels, pinned[0], indices) + tuple(pinned[1:])
-        return TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous(), labels, indices, None, None
+        if not on_gpu:
+            return self.crop_on_cpu(indices, boxes, flips), labels, indices, None, None
+        pixels = self.stored_pixels(indices)
+        pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
+        return (pixels, pinned[0], indices) + tuple(pinned[1:])
 
     def crop_on_cpu(self, indices, boxes, flips):
-        """The batch's training crops, NCHW uint8, by the file path's resized_crop (PIL: the
-        antialiased bilinear filter of crop_and_flip and TF.resized_crop, within 1 of 255; faster on
-        a CPU than torch's uint8 resize, BENCHMARKS.md, and it releases the GIL while it resizes).
+        """The batch's crops, NCHW uint8: center crops without boxes; training crops by the file
+        path's resized_crop (PIL: the antialiased bilinear filter of crop_and_flip and
+        TF.resized_crop, within 1 of 255; faster on a CPU than torch's uint8 resize, BENCHMARKS.md,
+        and it releases the GIL while it resizes).
         Each crop is read straight from its stored (or decoded) image, with no parallel torch op in
         this thread: one would start an OpenMP team of its own beside the training thread's, on
         cores those already fill (measured: the cache path lost to the file path on a small model)."""
-        crops = np.empty((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
-        for row, (index, (left, top, width, height), flip) in enumerate(
-                zip(indices.tolist(), boxes.tolist(), flips.tolist())):
+        size = self.image_size
+        crops = np.empty((len(indices), 3, size, size), dtype=np.uint8)
+        for row, index in enumerate(indices.tolist()):
             stored = self.images.decode(index) if self.compressed else self.stored[index]
-            crop = resized_crop(stored, (left, top, left + width, top + height), self.image_size, flip)
+            if boxes is None:  # evaluation: torchvision's center crop (its offsets), a plain slice
+                start = int(round((stored.shape[0] - size) / 2.0))
+                crops[row] = stored[start:start + size, start:start + size].transpose(2, 0, 1)
+                continue
+            left, top, width, height = boxes[row].tolist()
+            crop = resized_crop(stored, (left, top, left + width, top + height), size, bool(flips[row]))
             crops[row] = np.asarray(crop).transpose(2, 0, 1)
         return torch.from_numpy(crops)
 
-    def stored_pixels(self, indices, on_gpu):
-        """The batch's stored S x S images on the host (pinned for a GPU), or None for a compressed
-        cache on a GPU, which decodes them there when staged."""
-        if self.compressed and on_gpu:
-            return None
-        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=on_gpu)
+    def stored_pixels(self, indices):
+        """A GPU batch's stored S x S images in pinned memory, or None for a compressed cache, which
+        the GPU decodes when the batch is staged. One copy; torch's gather releases the GIL (numpy's
+        take held it and stalled the training thread's kernel launches)."""
         if self.compressed:
-            self.images.decode_into(indices, pixels)
-        else:  # one copy, into pinned memory; torch's gather releases the GIL (numpy's take held it
-            torch.index_select(self.pixels, 0, indices, out=pixels)  # and stalled the training thread)
-        return pixels
+            return None
+        pixels = torch.empty((len(indices),) + self.images.shape[1:], dtype=torch.uint8, pin_memory=True)
+        return torch.index_select(self.pixels, 0, indices, out=pixels)
 
     def draw_crops(self, epochs, indices):
         """Per-sample crop boxes (left, top, width, height) and flips from sample_seed(seed, epoch,
