@@ -291,8 +291,8 @@ def main():
         "so worker start-up is excluded but each pass's pipeline fill is included.",
         "Every path ends with the same normalised float32 NCHW batch in the main process (the project paths "
         "normalise their uint8 batches with dataset.normalize; the baseline's workers do it with Normalize).",
-        "The cache paths run in the main process (no workers; reader threads: image_cache.READER_THREADS, "
-        "which decode the compressed cache's JPEGs); each is measured once per round and listed in both groups, "
+        "The cache paths run in the main process (no workers; on a CPU one reader thread, "
+        "image_cache.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); each is measured once per round and listed in both groups, "
         "compared with that group's baseline."])
 
 
