@@ -12,7 +12,7 @@ and the final top-1 accuracy means something. Both programs read the same folder
 
 Runs, each a fresh `python -m torch.distributed.run --standalone --nproc_per_node=2 ...`:
 
-- reference: this script with --reference_worker, which patches a few calls at run time (below)
+- reference: bench/reference_runner.py, which patches a few calls at run time (below)
   and then runs the reference's train.py with runpy as `__main__`, with its own flags;
 - project, files: `train_ddp.py` on the JPEG folders (--num_workers W);
 - project, --cache_images: the same with --cache_images (its fast path). One run builds the cache
@@ -39,7 +39,7 @@ history samples_per_second, and for the reference the same quantity timed by the
 the reference's own training loop (instrumentation only, see patch 6); final top-1 accuracy
 (the project's history val_acc, the reference's last `Acc@1` line).
 
-Run-time patches of the reference (in `reference_worker`; the reference's files are not edited):
+Run-time patches of the reference (in reference_runner.py; the reference's files are not edited):
 
 1. torch.cuda.set_device: a no-op (utils.init_distributed_mode calls it with LOCAL_RANK; there is
    no GPU).
@@ -66,10 +66,14 @@ And its flag --device cpu (its default is cuda).
 import os
 import sys
 
+import common
+from reference_runner import EPOCH_LINE
+
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_runner.py")
+
 TINT = 0.35  # share of the class colour in each photo's pixels
 WORLD = 2
 BATCH = 32
-EPOCH_LINE = "VSREF_TRAIN_EPOCH"  # printed by the runner (patch 6)
 REFERENCE = "torchvision reference (train.py)"
 BUILD = "project, --cache_images, first run (builds the cache)"
 BUILD_IN_ROUND = "project, --cache_images (round 1's run builds the cache)"
@@ -101,83 +105,6 @@ NOT_IDENTICAL = [
 def usage_line(reason):
     return (f"vs_reference: skipped: {reason}; pass --reference PATH/TO/vision/references/classification/train.py "
             "(torchvision's reference script, not part of this repository)")
-
-
-# --- the reference's runner (runs under torchrun; imports nothing of the project) -----------------
-
-def reference_worker(train_py, flags):
-    """Patch the few CUDA/NCCL-only calls (module docstring, patches 1-6), then run `train_py`
-    as __main__ with `flags`."""
-    import builtins
-    import runpy
-    import time
-    import types
-
-    import torch
-    import torch.distributed as dist
-
-    ref_dir = os.path.dirname(os.path.abspath(train_py))
-    bench = os.path.dirname(os.path.abspath(__file__))
-    # The reference's utils.py (and presets.py, transforms.py), never the project's utils.py.
-    sys.path[:] = [ref_dir] + [p for p in sys.path if os.path.abspath(p or ".") not in (bench, os.path.dirname(bench))]
-    torch.cuda.set_device = lambda device: None  # 1
-    init_process_group = dist.init_process_group
-
-    def gloo_init_process_group(*args, **kwargs):  # 2
-        if kwargs.get("backend") == "nccl":
-            kwargs["backend"] = "gloo"
-        elif args and args[0] == "nccl":
-            args = ("gloo",) + args[1:]
-        return init_process_group(*args, **kwargs)
-    dist.init_process_group = torch.distributed.init_process_group = gloo_init_process_group
-
-    class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):  # 3
-        def __init__(self, module, device_ids=None, *args, **kwargs):
-            kwargs.pop("output_device", None)
-            super().__init__(module, None, *args, **kwargs)
-    torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
-
-    import utils  # the reference's own utils.py (ref_dir is first on sys.path)
-    assert os.path.dirname(os.path.abspath(utils.__file__)) == ref_dir, utils.__file__
-
-    def cpu_tensor(*args, **kwargs):  # 4
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return torch.tensor(*args, **kwargs)
-
-    class TorchForUtils(types.ModuleType):  # torch itself, but for `tensor`
-        def __getattr__(self, name):
-            return getattr(torch, name)
-    utils.torch = TorchForUtils("torch")
-    utils.torch.tensor = cpu_tensor
-
-    if not hasattr(utils, "reduce_across_processes"):  # 5
-        def reduce_across_processes(val):
-            t = torch.tensor(val)
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-                dist.all_reduce(t)
-            return t
-        utils.reduce_across_processes = reduce_across_processes
-
-    log_every = utils.MetricLogger.log_every
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-    def timed_log_every(self, iterable, print_freq, header=None):  # 6
-        if not str(header).startswith("Epoch"):
-            yield from log_every(self, iterable, print_freq, header)
-            return
-        start, images = time.perf_counter(), 0
-        for obj in log_every(self, iterable, print_freq, header):
-            images += len(obj[0])
-            yield obj
-        seconds = time.perf_counter() - start
-        if rank == 0:
-            builtins.print(f"{EPOCH_LINE} {header} seconds {seconds:.4f} images {images * world}", flush=True)
-    utils.MetricLogger.log_every = timed_log_every
-
-    sys.argv = [train_py, *flags]
-    runpy.run_path(train_py, run_name="__main__")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -248,9 +175,8 @@ def recipe(size, workers):
 
 def reference_run(train_py, root, out, flags):
     import re
-    import common
     os.makedirs(out, exist_ok=True)
-    run = common.run_timed(torchrun() + [os.path.abspath(__file__), "--reference_worker", train_py,
+    run = common.run_timed(torchrun() + [RUNNER, train_py,
                                          "--data-path", root, "--output-dir", out, *flags])
     epochs = [(float(s), int(n)) for s, n in re.findall(rf"{EPOCH_LINE} .* seconds ([\d.]+) images (\d+)",
                                                          run["output"])]
@@ -263,7 +189,6 @@ def reference_run(train_py, root, out, flags):
 
 def project_run(root, out, flags):
     import re
-    import common
     run = common.run_timed(torchrun() + ["train_ddp.py", "--train_dir", f"{root}/train", "--val_dir", f"{root}/val",
                                          "--checkpoint_dir", f"{out}/checkpoints", "--log_dir", f"{out}/logs",
                                          *flags])
@@ -410,11 +335,8 @@ def cost_rows(costs):
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--reference_worker":
-        return reference_worker(sys.argv[2], sys.argv[3:])
     import argparse
 
-    import common  # after the worker check: common measures the machine's idle share when imported
     p = common.parser(__doc__, repeats=2)
     p.add_argument("--reference", help="torchvision's references/classification/train.py (or its folder)")
     p.add_argument("--data", help="dataset folder to reuse (made there if missing); default: a temp dir")
@@ -445,7 +367,6 @@ def measure(args, train_py):
     import shutil
     import tempfile
 
-    import common
     import harness  # noqa: F401  (puts the repository on sys.path)
     from input_pipeline import folder_stats
 
