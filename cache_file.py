@@ -32,6 +32,7 @@ import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ TEMP_NAME = re.compile(r"\.(u8|jpegs)\.tmp\.(?P<host>.+)\.(?P<pid>\d+)\.[0-9a-f]
 @dataclass(frozen=True)
 class CacheSpec:
     """What the cache file at `path` must hold: `count` images of side x side of the dataset `key`."""
+    magic: ClassVar[bytes] = MAGIC
     path: str
     key: bytes
     count: int
@@ -73,13 +75,17 @@ class CacheSpec:
 
     @property
     def header(self):
-        return HEADER.pack(MAGIC, FORMAT_VERSION, self.side, self.count, self.key)
+        return HEADER.pack(self.magic, FORMAT_VERSION, self.side, self.count, self.key)
 
     def open(self):
         return open_verified(self)
 
     def slice_worker(self, temp, dataset, image_size, num_workers, team):
         return SliceDecoder(temp, self, dataset, image_size, num_workers, team)
+
+    def finish(self, temp_fd, parts):
+        """Complete the temporary file before its header is written; the raw cache's slices are
+        written in place, so nothing is left to do (cache_jpeg.JpegSpec copies its parts)."""
 
 
 @dataclass(frozen=True)
@@ -342,16 +348,21 @@ class SliceDecoder:
     def start(self):
         with os.fdopen(open_regular(self.temp, os.O_RDWR), "r+b") as file:  # the map keeps its own descriptor
             self.images = np.memmap(file, dtype=np.uint8, mode="r+", offset=HEADER_BYTES, shape=self.spec.shape)
-        with stop_signals_deferred():
-            self.decoded = iter(DataLoader(self.samples, batch_size=None, num_workers=self.num_workers,
-                                           collate_fn=as_decoded, generator=torch.Generator(),
-                                           worker_init_fn=quit_quietly_on_stop_signals))
+        self.decoded = in_workers(self.samples, self.num_workers)
 
     def close(self):
         self.images = self.decoded = None
 
     def result(self):  # the raw cache needs nothing more from its builders (cache_jpeg's do)
         return None
+
+
+def in_workers(samples, num_workers):
+    """(position, item) of every sample, in order, made by DataLoader workers that a stop signal
+    ends quietly (the build's decoders and encoders)."""
+    with stop_signals_deferred():
+        return iter(DataLoader(samples, batch_size=None, num_workers=num_workers, collate_fn=as_decoded,
+                               generator=torch.Generator(), worker_init_fn=quit_quietly_on_stop_signals))
 
 
 @contextmanager

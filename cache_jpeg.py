@@ -16,14 +16,14 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from cache_file import (FORMAT_VERSION, HEADER, HEADER_BYTES, ROUND_SECONDS, CacheSpec, DecodeForCache, as_decoded, no_room,
-                        open_regular, quit_quietly_on_stop_signals, stop_signals_deferred, try_flock)
+from cache_file import (HEADER, HEADER_BYTES, ROUND_SECONDS, CacheSpec, DecodeForCache, in_workers, no_room,
+                        open_regular, try_flock)
 from checkpoint import remove_quietly
 from errors import DataError
 
@@ -35,21 +35,21 @@ INDEX_ENTRY_BYTES = 16  # offset and length, uint64 each
 class JpegSpec(CacheSpec):
     """What the compressed cache at `path` must hold: `count` JPEGs of side x side at `quality`
     (`shape` is the decoded images')."""
+    magic: ClassVar[bytes] = MAGIC
     quality: int = 90
 
     @property
     def nbytes(self):  # reserved up front: only the header and index are known before encoding
         return HEADER_BYTES + self.count * INDEX_ENTRY_BYTES
 
-    @property
-    def header(self):
-        return HEADER.pack(MAGIC, FORMAT_VERSION, self.side, self.count, self.key)
-
     def open(self):
         return open_jpeg_cache(self)
 
     def slice_worker(self, temp, dataset, image_size, num_workers, team):
         return SliceEncoder(temp, self, dataset, image_size, num_workers, team)
+
+    def finish(self, temp_fd, parts):
+        return assemble(temp_fd, self, parts)
 
 
 class JpegImages:
@@ -156,10 +156,7 @@ class SliceEncoder:
         fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try_flock(fd)  # held while encoding: tells other runs' cleanup that this build lives
         self.file = os.fdopen(fd, "wb", buffering=1 << 20)
-        with stop_signals_deferred():
-            self.encoded = iter(DataLoader(self.samples, batch_size=None, num_workers=self.num_workers,
-                                           collate_fn=as_decoded, generator=torch.Generator(),
-                                           worker_init_fn=quit_quietly_on_stop_signals))
+        self.encoded = in_workers(self.samples, self.num_workers)
 
     def close(self, remove=False):
         if self.file is not None:

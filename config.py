@@ -243,9 +243,9 @@ def check_preprocessing(args):
 def preprocessing_of(config):
     """The evaluation transform of a run's flags (vars(args), or a checkpoint's config) as a dict:
     image_size, resize_size, mean, std. Older checkpoints lack some flags: the recipe's values."""
-    image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
-    return dict(image_size=image_size, resize_size=config.get("resize_size") or eval_resize_size(image_size),
-                mean=list(config.get("mean") or IMAGENET_MEAN), std=list(config.get("std") or IMAGENET_STD))
+    preprocessing = argparse.Namespace(**{name: config.get(name) for name in PREPROCESSING_FLAGS})
+    fill_preprocessing(preprocessing)
+    return vars(preprocessing)
 
 
 def read_config_file(path, parser):

@@ -25,7 +25,7 @@ from torchvision.transforms import functional as TF
 
 import distributed
 from cache_file import NodeLeader, Team, describe_cache, storage_size
-from cache_jpeg import JpegImages, JpegSpec, assemble
+from cache_jpeg import JpegImages
 from dataset import random_resized_crop_box, resized_crop, sample_seed, train_sampler
 from errors import DataError
 
@@ -92,7 +92,7 @@ def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
         result = decoder.result() if decoder else None
         reports = sorted(gather_or_raise((team.node, team.local_rank, result)), key=lambda report: report[:2])
         parts = [part for node, _, part in reports if node == team.node]
-        publish = partial(assemble_and_publish, leader, parts) if leader and leader.building else None
+        publish = partial(finish_and_publish, leader, parts) if leader and leader.building else None
         in_rounds(publish)
     finally:
         if leader:
@@ -100,9 +100,8 @@ def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
     return temp is not None
 
 
-def assemble_and_publish(leader, parts):
-    if isinstance(leader.spec, JpegSpec):
-        assemble(leader.temp_fd, leader.spec, parts)
+def finish_and_publish(leader, parts):
+    leader.spec.finish(leader.temp_fd, parts)
     return leader.publish()
 
 
