@@ -243,11 +243,14 @@ def test_a_build_killed_midway_leaves_nothing_the_next_build_trips_on(photos, tm
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_during_the_build_ends_the_run_at_once_leaving_no_file(photos, tiny_data, tmp_path, signum):
+@pytest.mark.parametrize("cache_format", ["raw", "jpeg"])
+def test_a_stop_signal_during_the_build_ends_the_run_at_once_leaving_no_file(photos, tiny_data, tmp_path, signum,
+                                                                             cache_format):
     # To the whole process group, as Ctrl-C, torchrun and Slurm send it: the decode workers get it too.
+    # The compressed cache's build leaves no part file either.
     cache_dir = tmp_path / "cache"
     flags = data_flags(tiny_data, str(tmp_path), train_dir=photos, image_size=64, num_workers=2,
-                       cache_images=str(cache_dir))
+                       cache_images=str(cache_dir), cache_format=cache_format)
     run = subprocess.Popen(train_cmd(*flags), cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_temp_file(cache_dir, lambda: run.poll() is None)
