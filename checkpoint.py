@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from augment import GENERATOR as CROP_GENERATOR
 from config import preprocessing_of
 from errors import CheckpointError
 from recipe import load_scheduler_state
@@ -37,6 +38,7 @@ SCHEMA = {
     "config": "every flag's value",
     "preprocessing": "the evaluation transform the weights expect (predict.py and export.py apply it): image_size "
                      "(center crop), resize_size (shorter side first), mean and std (of 0-1 pixels)",
+    "crop_generator": "how training crops were drawn (augment.GENERATOR); older checkpoints lack it",
     "rng": "every rank's torch RNG states (dropout), in rank order",
     "train_partial": "every rank's running sums of the epoch in progress (metrics.EpochSums), or None",
 }
@@ -223,7 +225,7 @@ class RunState:
             scheduler_state_dict=training.scheduler.state_dict(),
             **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "train_partial"},
             class_names=class_names, model_name=config["model"], config=config,
-            preprocessing=preprocessing_of(config), rng=rng,
+            preprocessing=preprocessing_of(config), crop_generator=CROP_GENERATOR, rng=rng,
             train_partial=train_partial)
         if training.ema is not None:
             checkpoint.update(ema_state_dict=training.ema.module.state_dict(),

@@ -1,8 +1,8 @@
 """Data: ImageFolder train/val sets, per-sample deterministic augmentation, loaders, the digits demo.
 
-Every random choice for training sample `i` in epoch `e` comes from a generator seeded by
-(seed, e, i), so augmentation does not depend on the number of workers or processes, or on
-whether the run was restarted. Images leave the workers as uint8 tensors; normalisation happens
+Every random choice for training sample `i` in epoch `e` is a function of (seed, e, i) (augment.py),
+so augmentation does not depend on the number of workers or processes, or on whether the run was
+restarted. Images leave the workers as uint8 tensors; normalisation happens
 on the training device (`normalize`), which keeps worker output and host-to-device copies 4x
 smaller than float32.
 """
@@ -10,7 +10,6 @@ import copy
 import functools
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -24,46 +23,17 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from augment import draw_crops
 from config import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size  # noqa: F401 (the names data code imports)
 from folders import check_data_folders, class_folders, find_files
 from distributed import validation_shard
 from errors import DataError
 from sampling import GlobalOrderSampler
 
-CROP_RATIO = (3 / 4, 4 / 3)
 # Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
 # the central band that any center crop keeps is resized: memory grows with the resized image, and
 # a 97-byte 1 x 6000 px PNG would take 1.5 GB (a 1 x 600,000 px one ~118 GB).
 BAND_ASPECT = 8
-
-
-def sample_seed(seed, epoch, index):
-    """One integer per (seed, epoch, sample): the only source of a sample's augmentation randomness."""
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
-
-
-def random_resized_crop_box(width, height, scale, rng):
-    """torchvision's RandomResizedCrop.get_params, drawing from `rng` (a random.Random).
-
-    Returns (left, top, crop_width, crop_height) in source-image pixels.
-    """
-    area = width * height
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    in_ratio = width / height  # fallback: the largest central crop within the ratio range
-    if in_ratio < CROP_RATIO[0]:
-        w, h = width, int(round(width / CROP_RATIO[0]))
-    elif in_ratio > CROP_RATIO[1]:
-        w, h = int(round(height * CROP_RATIO[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 # What PIL raises for a file that is not a readable image.
@@ -148,7 +118,7 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder returning (uint8 CHW tensor, label, index).
 
     Training items are addressed by (epoch, index) and get a random resized crop and a
-    horizontal flip drawn from `sample_seed(seed, epoch, index)`; eval items by index and get
+    horizontal flip drawn for (seed, epoch, index) (augment.py); eval items by index and get
     resize + center crop.
     """
 
@@ -190,31 +160,56 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
 
     def __getitem__(self, key):
         """(image, label, index); None for an unreadable file when skip_bad_images is set."""
-        epoch, index = key if self.train else (None, key)
-        path, label = self.samples[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        """The items of a whole batch (torch's loader workers fetch through this method): training
+        crops are drawn for all of them in one call (augment.draw_crops)."""
+        indices = [key[1] for key in keys] if self.train else list(keys)
+        if not (self.train and self.augment):
+            load = functools.partial(load_eval, image_size=self.image_size, resize_size=self.resize_size,
+                                     fast_decode=self.fast_decode)
+            return [self.item(index, load) for index in indices]
+        sizes = [self.readable(self.samples[index][0], header_size) for index in indices]
+        drawn = [row for row, size in enumerate(sizes) if size is not None]
+        boxes, flips = draw_crops(self.seed, [keys[row][0] for row in drawn], [indices[row] for row in drawn],
+                                  [sizes[row][0] for row in drawn], [sizes[row][1] for row in drawn],
+                                  self.crop_scale, self.hflip_prob)
+        items = [None] * len(keys)
+        for row, box, flip in zip(drawn, boxes.tolist(), flips.tolist()):
+            items[row] = self.item(indices[row], functools.partial(self.load_train, size=sizes[row], box=box,
+                                                                   flip=flip))
+        return items
+
+    def item(self, index, load):
+        image = self.readable(self.samples[index][0], load)
+        return None if image is None else (TF.pil_to_tensor(image), self.samples[index][1], index)
+
+    def readable(self, path, load):
+        """load(path); an unreadable file raises a DataError naming it, or with skip_bad_images
+        gives None after a warning."""
         try:
-            augment = self.train and self.augment
-            image = (self.load_train(path, epoch, index) if augment
-                     else load_eval(path, self.image_size, self.resize_size, self.fast_decode))
+            return load(path)
         except UNREADABLE as exc:
             if not self.skip_bad_images:
                 raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or pass "
                                 "--skip_bad_images to skip unreadable files") from None
             print(f"warning: skipping unreadable image {path} ({exc})", file=sys.stderr, flush=True)
             return None
-        return TF.pil_to_tensor(image), label, index
 
-    def load_train(self, path, epoch, index):
-        rng = random.Random(sample_seed(self.seed, epoch, index))
-        with Image.open(path) as header:
-            width, height = header.size
-        left, top, w, h = random_resized_crop_box(width, height, self.crop_scale, rng)
-        flip = rng.random() < self.hflip_prob
-        size = self.image_size
+    def load_train(self, path, size, box, flip):
+        """The crop `box` (left, top, width, height) of an image of `size` (its header's), resized and flipped."""
+        (width, height), (left, top, w, h) = size, box
         # Decode only as many pixels as the crop needs at the output size.
-        min_size = (width * size / w, height * size / h) if self.fast_decode else None
-        return resized_crop(open_rgb(path, min_size), (left, top, left + w, top + h), size, flip,
+        min_size = (width * self.image_size / w, height * self.image_size / h) if self.fast_decode else None
+        return resized_crop(open_rgb(path, min_size), (left, top, left + w, top + h), self.image_size, flip,
                             full_size=(width, height))
+
+
+def header_size(path):
+    """An image's (width, height) from its header, without decoding it."""
+    with Image.open(path) as header:
+        return header.size
 
 
 def build_datasets(args, world_size=1):

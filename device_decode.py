@@ -5,20 +5,19 @@ about 3.6k photos/s, an H100 trains ResNet-18 at 15k).
 Reader threads read each batch's file bytes (image_cache.CachedBatches' machinery: batches read
 ahead, staged on a side CUDA stream, handed over in order). On a GPU the whole batch's JPEGs are
 decoded in one torchvision.io.decode_jpeg call (nvjpeg), then each image is cropped there with
-the file path's per-sample box and flip (dataset.random_resized_crop_box from sample_seed, drawn
-on the decoded size, as the file path draws it on the header's) and resized with torchvision's
+the file path's per-sample box and flip (augment.draw_crops for the whole batch, drawn
+on the decoded sizes, as the file path draws it on the header's) and resized with torchvision's
 antialiased bilinear filter; evaluation resizes the shorter side to --resize_size and
 center-crops. Files that are not JPEGs (PNG, ...) are decoded by the reader threads on the CPU.
 Without CUDA the reader threads decode (libjpeg-turbo) and crop: the same batches, for tests and
 small machines, though DataLoader workers are usually faster on a CPU, so it stays opt-in.
 """
-import random
-
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
 
-from dataset import random_resized_crop_box, sample_seed, train_sampler
+from augment import draw_crops
+from dataset import train_sampler
 from distributed import validation_shard
 from errors import DataError
 from image_cache import CachedBatches
@@ -79,8 +78,13 @@ class DeviceDecodedFiles(CachedBatches):
             decoded[row] = image
         size = self.image_size
         crops = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=self.device)
-        for row, (image, epoch, index) in enumerate(zip(decoded, epochs, indices.tolist())):
-            crops[row] = self.transform(image.to(self.device, non_blocking=True), epoch, index)
+        boxes = flips = [None] * len(files)
+        if self.train and self.augment:  # on the decoded sizes, as the file path draws on the header's
+            heights, widths = zip(*(image.shape[-2:] for image in decoded))
+            boxes, flips = draw_crops(self.seed, epochs, indices, widths, heights, self.crop_scale, self.hflip_prob)
+            boxes, flips = boxes.tolist(), flips.tolist()
+        for row, (image, box, flip) in enumerate(zip(decoded, boxes, flips)):
+            crops[row] = self.transform(image.to(self.device, non_blocking=True), box, flip)
         return crops
 
     def decode_one(self, data, index):
@@ -90,16 +94,15 @@ class DeviceDecodedFiles(CachedBatches):
         except RuntimeError as exc:
             raise unreadable(self.dataset.samples[index][0], exc) from None
 
-    def transform(self, image, epoch, index):
-        """The file path's augmentation (or evaluation transform) of one decoded CHW image."""
+    def transform(self, image, box, flip):
+        """The file path's crop `box` (left, top, width, height) and flip of one decoded CHW image,
+        or without a box the evaluation transform."""
         size = self.image_size
-        if not (self.train and self.augment):
+        if box is None:
             return TF.center_crop(TF.resize(image, self.dataset.resize_size, antialias=True), size)
-        height, width = image.shape[-2:]
-        rng = random.Random(sample_seed(self.seed, epoch, index))
-        left, top, crop_width, crop_height = random_resized_crop_box(width, height, self.crop_scale, rng)
+        left, top, crop_width, crop_height = box
         crop = TF.resized_crop(image, top, left, crop_height, crop_width, [size, size], antialias=True)
-        return crop.flip(-1) if rng.random() < self.hflip_prob else crop
+        return crop.flip(-1) if flip else crop
 
 
 def unreadable(path, exc):

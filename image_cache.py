@@ -11,7 +11,6 @@ file's format, its lock and its safe publication; build_or_open here decides who
 """
 import math
 import os
-import random
 import time
 import warnings
 from collections import deque
@@ -26,7 +25,8 @@ from torchvision.transforms import functional as TF
 import distributed
 from cache_file import NodeLeader, Team, describe_cache, storage_size
 from cache_jpeg import JpegImages
-from dataset import random_resized_crop_box, resized_crop, sample_seed, train_sampler
+from augment import crop_and_flip, draw_crops
+from dataset import resized_crop, train_sampler
 from errors import DataError
 
 
@@ -236,17 +236,15 @@ class CachedBatches:
         """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
         memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
         made here in the reader thread (crop_on_cpu)."""
-        on_gpu = self.device.type == "cuda"
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
             boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
-        if not on_gpu:
+        if self.device.type != "cuda":
             return self.crop_on_cpu(indices, boxes, flips), labels, indices, None, None
-        pixels = self.stored_pixels(indices)
-        pinned = [t.pin_memory() if t is not None else None for t in (labels, boxes, flips)]
-        return (pixels, pinned[0], indices) + tuple(pinned[1:])
+        pinned = [torch.from_numpy(a).pin_memory() if a is not None else None for a in (boxes, flips)]
+        return (self.stored_pixels(indices), labels.pin_memory(), indices, *pinned)
 
     def crop_on_cpu(self, indices, boxes, flips):
         """The batch's crops, NCHW uint8: center crops without boxes; training crops by the file
@@ -279,57 +277,10 @@ class CachedBatches:
         return torch.index_select(self.pixels, 0, indices, out=pixels)
 
     def draw_crops(self, epochs, indices):
-        """Per-sample crop boxes (left, top, width, height) and flips from sample_seed(seed, epoch,
-        index), as on the file path."""
+        """Crop boxes (left, top, width, height) in the stored S x S frame and flips, drawn for the
+        whole batch as the file path draws them (augment.draw_crops)."""
         size = self.images.shape[1]
-        boxes, flips = [], []
-        for epoch, index in zip(epochs, indices.tolist()):
-            rng = random.Random(sample_seed(self.seed, epoch, index))
-            boxes.append(random_resized_crop_box(size, size, self.crop_scale, rng))
-            flips.append(rng.random() < self.hflip_prob)
-        return torch.tensor(boxes), torch.tensor(flips)
-
-
-def resize_weights(starts, lengths, out_size, in_size, dtype, flips=None):
-    """(B, out_size, in_size) matrices that crop [start, start + length) of an axis and resize it to
-    out_size with the antialiased bilinear (triangle) filter of torchvision's resize(antialias=True)
-    and PIL: output pixel i is centred at (i + 0.5) * scale in the crop, and the filter widens by
-    the scale when shrinking. Rows sum to 1; `flips` reverses the output order per sample.
-
-    Only a few taps per output pixel are non-zero: they are computed small, (B, out_size, taps),
-    and scattered into zeros, which is cheaper on a GPU than building the dense matrix element by
-    element."""
-    device = starts.device
-    starts, lengths = starts.float().view(-1, 1, 1), lengths.float().view(-1, 1, 1)
-    scale = lengths / out_size
-    support = scale.clamp(min=1.0)
-    outputs = torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1)
-    if flips is not None:
-        outputs = torch.where(flips.view(-1, 1, 1), out_size - 1 - outputs, outputs)
-    centers = (outputs + 0.5) * scale  # in crop coordinates
-    first = (centers - support + 0.5).floor().clamp(min=0)
-    taps = first + torch.arange(int(2 * max(in_size / out_size, 1.0)) + 2, device=device)
-    weights = (1 - ((taps + 0.5 - centers) / support).abs()).clamp(min=0) * (taps < lengths)
-    weights = weights / weights.sum(-1, keepdim=True)
-    columns = (starts + taps).long().clamp(max=in_size - 1)  # taps past the edge carry weight 0
-    dense = torch.zeros(len(starts), out_size, in_size, dtype=dtype, device=device)
-    return dense.scatter_add_(2, columns, weights.to(dtype))
-
-
-def crop_and_flip(pixels, boxes, flips, size):
-    """Crop a whole batch of stored NHWC uint8 images to their boxes (left, top, width, height),
-    resize to size x size and flip where asked: NCHW uint8. The resize is separable, so it is two
-    batched matrix products (rows, then columns) in float16 on a GPU's tensor cores (float32 on a
-    CPU); a flip is the column weights reversed. Same filter as the CPU path's TF.resized_crop."""
-    batch, stored = pixels.shape[0], pixels.shape[1]
-    dtype = torch.float16 if pixels.is_cuda else torch.float32
-    left, top, width, height = boxes.unbind(1)
-    rows = resize_weights(top, height, size, stored, dtype)
-    columns = resize_weights(left, width, size, stored, dtype, flips)
-    resized_rows = torch.bmm(rows, pixels.to(dtype).view(batch, stored, stored * 3))  # (B, size, stored*3)
-    planar = resized_rows.view(batch, size, stored, 3).permute(0, 3, 1, 2).reshape(batch, 3 * size, stored)
-    crops = torch.bmm(planar, columns.transpose(1, 2)).view(batch, 3, size, size)
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+        return draw_crops(self.seed, epochs, indices, size, size, self.crop_scale, self.hflip_prob)
 
 
 def build_cached_loaders(train_set, val_set, args, ctx):

@@ -15,6 +15,7 @@ section has the same contract as a table.
   another schedule or peak rate (--reset_lr_schedule), another --backbone_lr_scale (both), another
   monitored metric (--reset_best), another seed in the middle of an epoch, another global batch.
 """
+from augment import GENERATOR
 from errors import ConfigError
 from recipe import restart_scheduler
 
@@ -63,6 +64,9 @@ def plan_resume(checkpoint, path, args, world_size):
                if flag in saved and saved[flag] != getattr(args, flag)]
     if changed:
         notes.append("applied from here: " + ", ".join(changed))
+    if checkpoint.get("crop_generator") != GENERATOR:
+        notes.append("training crops are drawn by augment.py's counter-based generator from here (this "
+                     "checkpoint's run drew them per sample with Python's random): same distribution, other crops")
     notes += sorted({f"--{reset_flag}: {effect}" for reset_flag, part, effect in RESETTABLE.values() if part in reset})
     return reset, [note for note in notes if note]
 

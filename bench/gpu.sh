@@ -11,9 +11,9 @@ if [ "${1:-}" = compile ]; then
 fi
 echo "== launcher: more GPUs than visible is refused before anything starts"
 python3 launch_ddp.py --num_gpus 2 --demo; echo "exit code $?"
-echo "== the GPU tests (side-stream cache batches, the launcher's GPU count), where pytest is installed"
-python3 -m pytest -q -p no:cacheprovider tests/test_image_cache.py tests/test_launch_ddp.py \
-  -k "gpu or side_stream or without_importing_torch" 2>&1 | tail -3
+echo "== the GPU tests (side-stream cache batches, nvjpeg decoding, the launcher's GPU count), where pytest is installed"
+python3 -m pytest -q -p no:cacheprovider tests/test_image_cache.py tests/test_cache_jpeg.py tests/test_device_decode.py \
+  tests/test_launch_ddp.py -k "gpu or side_stream or without_importing_torch" 2>&1 | tail -3
 echo "== NCCL: a one-rank process group on this GPU (two ranks need two GPUs: NCCL refuses two ranks on one device)"
 python3 - <<'PY'
 import os, torch, torch.distributed as dist
@@ -30,6 +30,6 @@ for dtype in float16 bfloat16; do
   echo "wall $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
 done
 python3 bench/gpu.py 2>&1 | tr "\r" "\n" | grep -v -E "it/s|^ *$"
-python3 bench/profile_cache_gpu.py sweep 2>&1 | tr "\r" "\n" | grep -v -E "it/s|^ *$"
+python3 bench/profile_cache_gpu.py crop sweep 2>&1 | tr "\r" "\n" | grep -v -E "it/s|^ *$"
 echo "== fine-tuning: a frozen backbone and float16 AMP, step time and peak GPU memory"
 python3 bench/finetune.py --repeats 2 --results_dir /tmp/gpu_results 2>&1 | tail -8

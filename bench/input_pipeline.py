@@ -25,7 +25,6 @@ Ratios are to the baseline at the same worker count, per round, then median and 
 import glob
 import itertools
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -43,8 +42,8 @@ import common
 import harness
 from cache_file import storage_size
 from cache_jpeg import EncodeForCache
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize,
-                     random_resized_crop_box, resized_crop)
+from augment import draw_crops
+from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, resized_crop
 from training import build_data
 
 IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
@@ -178,8 +177,8 @@ def profile_stages(train_dir, count):
     files = sorted(glob.glob(os.path.join(train_dir, "*", "*.jpg")))[:count]
     encoded = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8) for f in files]
     decoded = [Image.open(f).convert("RGB") for f in files]
-    rng = random.Random(0)
-    boxes = [random_resized_crop_box(*image.size, (0.08, 1.0), rng) for image in decoded]
+    widths, heights = zip(*(image.size for image in decoded))
+    boxes = draw_crops(0, 0, range(len(decoded)), widths, heights, (0.08, 1.0), 0.5)[0].tolist()
     tensors = [TF.pil_to_tensor(image) for image in decoded]
 
     def per_image(stage):
@@ -231,8 +230,7 @@ def compressed_cache_stages(dataset, size, count, per_image):
     side = storage_size(size)
     encoder = EncodeForCache(dataset.samples[:count], size, side, 90)
     blobs = [torch.from_numpy(encoder[i][1]) for i in range(count)]
-    rng = random.Random(0)
-    boxes = [random_resized_crop_box(side, side, (0.08, 1.0), rng) for _ in range(count)]
+    boxes = draw_crops(0, 0, range(count), side, side, (0.08, 1.0), 0.5)[0].tolist()
 
     def reader_work(i):
         left, top, width, height = boxes[i]

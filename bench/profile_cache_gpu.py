@@ -20,7 +20,7 @@ import torch
 import harness
 import image_cache
 from gpu import pick_device, pipeline_data
-from image_cache import crop_and_flip
+from augment import crop_and_flip
 
 FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
 FULL = dict(model="resnet18", images=8000, image_size=224, batch_size=256, workers=16, epochs=4, best_of=3)
@@ -57,19 +57,22 @@ def seconds_per_call(fn, device, calls=20):
 
 
 def crop(run_args, data, settings, device):
-    """The crop's own time per batch (stored pixels already on the device), and the copy before it."""
+    """The crop's own time per batch (stored pixels already on the device), the copy before it, and
+    the reader thread's drawing of the batch's boxes and flips (on the host)."""
     loader = data.train_loader
     keys = list(iter(loader.sampler))[:loader.batch_size]
     indices = torch.tensor([index for _, index in keys])
-    boxes, flips = loader.draw_crops([epoch for epoch, _ in keys], indices)
+    epochs = [epoch for epoch, _ in keys]
+    boxes, flips = (torch.from_numpy(a) for a in loader.draw_crops(epochs, indices))
     stored = loader.pixels[indices]
     host = stored.pin_memory() if device.type == "cuda" else stored
     pixels, boxes, flips = stored.to(device), boxes.to(device), flips.to(device)
     shape, size = " x ".join(map(str, stored.shape)), loader.image_size
-    for name, fn in [(f"copy to {device.type} ({shape} uint8)", lambda: host.to(device, non_blocking=True, copy=True)),
+    for name, fn in [(f"host: draw_crops, {len(indices)} boxes and flips", lambda: loader.draw_crops(epochs, indices)),
+                     (f"copy to {device.type} ({shape} uint8)", lambda: host.to(device, non_blocking=True, copy=True)),
                      (f"crop_and_flip, {len(indices)} crops to {size} x {size}",
                       lambda: crop_and_flip(pixels, boxes, flips, size))]:
-        print(f"{name}: {seconds_per_call(fn, device) * 1000:.2f} ms per batch")
+        print(f"{name}: {seconds_per_call(fn, device) * 1000:.3f} ms per batch")
 
 
 def sweep(run_args, data, settings, device):

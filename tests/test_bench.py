@@ -154,8 +154,18 @@ def test_bench_profile_cache_gpu_quick_runs_every_mode(tmp_path):
         "cache, 8 reader threads", f"cache, {image_cache.READER_THREADS} reader threads, no augmentation",
         "epoch 0", "epoch 1"]
     assert all(number(rate) > 0 for _, rate in rates)
-    assert len(re.findall(r"^(copy to cpu|copy to cuda|crop_and_flip).*: [\d.]+ ms per batch$", out,
-                          flags=re.MULTILINE)) == 2
+    timed = re.findall(r"^(host: draw_crops|copy to cpu|copy to cuda|crop_and_flip).*: ([\d.]+) ms per batch$", out,
+                       flags=re.MULTILINE)
+    assert [name for name, _ in timed] == ["host: draw_crops", "copy to cpu", "crop_and_flip"]
+    assert all(float(ms) > 0 for _, ms in timed)
+
+
+def test_bench_crop_draws(tmp_path):
+    run_bench("crop_draws.py", "--results_dir", str(tmp_path))
+    rows = table(report(tmp_path, "crop_draws"), "way")
+    assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)"]
+    assert all(number(row[1]) > 0 and number(row[2]) > 0 for row in rows)
+    assert rows[0][3] == "1.00"  # (a) is the baseline of the speed-ups
 
 
 def test_bench_joint_checks(tmp_path):

@@ -1,39 +1,22 @@
-"""dataset.py: crop boxes, per-sample deterministic augmentation, loaders, folder checks, the demo."""
-import math
+"""dataset.py: per-sample deterministic augmentation, loaders, folder checks, the demo."""
 import os
-import random
 import shutil
-import statistics
 import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from torchvision.transforms import CenterCrop, Compose, PILToTensor, RandomResizedCrop, Resize
+from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from conftest import CLASSES, run_cli
 from config import parse_args
-from dataset import (BAND_ASPECT, CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
+from augment import draw_crop
+from dataset import (BAND_ASPECT, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      build_datasets, build_loaders, eval_resize_size, load_eval, normalize, open_resized,
-                     open_rgb, random_resized_crop_box, resized_crop, sample_seed)
-
-
-def box_for(width, height, seed, epoch, index, scale=(0.08, 1.0)):
-    return random_resized_crop_box(width, height, scale, random.Random(sample_seed(seed, epoch, index)))
-
-
-def fallback_box(width, height):
-    """torchvision's fallback (the largest central crop within CROP_RATIO): get_params with a
-    scale no crop can reach."""
-    return torchvision_params(width, height, scale=(2.0, 2.0))  # an impossible scale: always fallback
-
-
-def torchvision_params(width, height, scale):
-    i, j, h, w = RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(CROP_RATIO))
-    return j, i, w, h  # (left, top, width, height), like random_resized_crop_box
+                     open_rgb, resized_crop)
 
 
 def data_args(data, **overrides):
@@ -65,69 +48,6 @@ def as_multiset(images, labels, indices):
     return sorted((int(i), int(label), image.numpy().tobytes()) for image, label, i in zip(images, labels, indices))
 
 
-# ------------------------------------------------------------------ random_resized_crop_box
-
-@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (1000, 1000), (24, 20), (7, 5),
-                                           (1, 1), (300, 3), (3, 300)])
-def test_crop_box_always_lies_inside_the_image(width, height):
-    for index in range(300):
-        left, top, w, h = box_for(width, height, seed=1, epoch=0, index=index)
-        assert isinstance(left, int) and isinstance(top, int) and isinstance(w, int) and isinstance(h, int)
-        assert 0 < w <= width and 0 < h <= height
-        assert 0 <= left <= width - w and 0 <= top <= height - h
-
-
-def test_crop_box_area_and_aspect_stay_in_their_ranges_on_a_large_image():
-    width, height, scale = 640, 480, (0.25, 0.9)
-    for index in range(500):
-        left, top, w, h = box_for(width, height, seed=2, epoch=3, index=index, scale=scale)
-        if (left, top, w, h) == fallback_box(width, height):
-            continue
-        # Rounding w and h to whole pixels moves the area and the aspect by well under 1% here.
-        assert scale[0] * 0.99 <= w * h / (width * height) <= scale[1] * 1.01
-        assert CROP_RATIO[0] * 0.99 <= w / h <= CROP_RATIO[1] * 1.01
-
-
-@pytest.mark.parametrize("width, height, expected", [(1000, 10, ((1000 - 13) // 2, 0, 13, 10)),
-                                                     (10, 1000, (0, (1000 - 13) // 2, 10, 13))])
-def test_crop_box_fallback_is_torchvisions_central_crop(width, height, expected):
-    # A 100:1 image has no crop of >= 8% area within 3:4..4:3: every draw falls back to the
-    # largest central crop of aspect 4:3 (or 3:4), exactly as torchvision does.
-    assert fallback_box(width, height) == expected
-    boxes = {box_for(width, height, seed=0, epoch=0, index=i) for i in range(50)}
-    assert boxes == {expected}
-
-
-def test_crop_box_distribution_matches_torchvision_get_params():
-    width, height, scale, n = 200, 120, (0.08, 1.0), 3000
-    ours = [box_for(width, height, seed=5, epoch=0, index=i, scale=scale) for i in range(n)]
-    torch.manual_seed(0)
-    theirs = [torchvision_params(width, height, scale) for _ in range(n)]
-
-    def stats(boxes):
-        area = [w * h / (width * height) for _, _, w, h in boxes]
-        log_aspect = [math.log(w / h) for _, _, w, h in boxes]
-        centre_x = [(left + w / 2) / width for left, _, w, _ in boxes]
-        return statistics.mean(area), statistics.mean(log_aspect), statistics.mean(centre_x), \
-            statistics.pstdev(area)
-
-    for a, b in zip(stats(ours), stats(theirs)):
-        assert a == pytest.approx(b, abs=0.03)
-
-
-def test_crop_box_depends_only_on_seed_epoch_and_index():
-    assert box_for(640, 480, 7, 3, 11) == box_for(640, 480, 7, 3, 11)
-    other_epoch = sum(box_for(640, 480, 7, 3, i) != box_for(640, 480, 7, 4, i) for i in range(50))
-    other_seed = sum(box_for(640, 480, 7, 3, i) != box_for(640, 480, 8, 3, i) for i in range(50))
-    assert other_epoch >= 48 and other_seed >= 48
-
-
-def test_sample_seeds_are_distinct_over_seeds_epochs_and_indices():
-    seeds = {sample_seed(s, e, i) for s in (0, 1, 42) for e in range(30) for i in range(2000)}
-    assert len(seeds) == 3 * 30 * 2000
-    assert all(0 <= s < 2**63 for s in seeds)
-
-
 # ------------------------------------------------------------------ training / eval items
 
 def test_train_items_are_a_function_of_epoch_and_index(tiny_data):
@@ -148,11 +68,10 @@ def test_train_items_are_torchvisions_resized_crop_and_flip_of_the_drawn_box(tin
     flipped = 0
     for index in range(24):
         path = dataset.samples[index][0]
-        rng = random.Random(sample_seed(4, 7, index))
         width, height = Image.open(path).size
-        left, top, w, h = random_resized_crop_box(width, height, (0.08, 1.0), rng)
+        (left, top, w, h), flip = draw_crop(4, 7, index, width, height, (0.08, 1.0), 0.5)
         expected = TF.resized_crop(open_rgb(path), top, left, h, w, [16, 16], InterpolationMode.BILINEAR)
-        if rng.random() < 0.5:
+        if flip:
             expected, flipped = TF.hflip(expected), flipped + 1
         assert torch.equal(dataset[(7, index)][0], TF.pil_to_tensor(expected))
     assert 0 < flipped < 24

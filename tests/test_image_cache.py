@@ -2,7 +2,6 @@
 cache file shared by concurrent jobs, ranks and nodes."""
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +16,10 @@ from PIL import Image
 from cache_file import DecodeForCache, describe_cache, storage_size
 from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd,
                       write_image_folder)
-from dataset import AugmentedImageFolder, random_resized_crop_box, train_sampler
+from augment import crop_and_flip
+from dataset import AugmentedImageFolder, train_sampler
 from errors import DataError
-from image_cache import CachedBatches, build_or_open, crop_and_flip
+from image_cache import CachedBatches, build_or_open
 
 
 def open_cache(folder, image_size, cache_dir, train=False):
@@ -58,27 +58,6 @@ def test_training_crops_follow_the_file_paths_per_sample_boxes_and_flips(tmp_pat
             assert difference < 6, f"sample {index}: mean difference {difference:.1f} of 255"
 
 
-def test_the_batched_crop_equals_torchvisions_antialiased_resized_crop_per_sample():
-    # The GPU path's crop (two matrix products, here in float32 on the CPU) against the CPU path's
-    # per-sample TF.resized_crop: shrinking, enlarging, extreme aspect ratios, the whole image, flips.
-    import random
-    from torchvision.transforms import functional as TF
-    stored, size = 64, 48
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (8, stored, stored, 3), dtype=torch.uint8, generator=generator)
-    pixels[4:] = torch.linspace(0, 255, stored).to(torch.uint8).view(1, stored, 1, 1)  # smooth gradients
-    rng = random.Random(0)
-    boxes = [random_resized_crop_box(stored, stored, (0.08, 1.0), rng) for _ in range(5)]
-    boxes += [(0, 0, stored, stored), (3, 0, 10, stored), (0, 40, stored, 9)]
-    flips = torch.tensor([True, False] * 4)
-    crops = crop_and_flip(pixels, torch.tensor(boxes), flips, size)
-    assert crops.shape == (8, 3, size, size) and crops.dtype == torch.uint8
-    for image, (left, top, width, height), flip, crop in zip(pixels, boxes, flips, crops):
-        expected = TF.resized_crop(image.permute(2, 0, 1), top, left, height, width, [size, size], antialias=True)
-        expected = expected.flip(-1) if flip else expected
-        assert (crop.int() - expected.int()).abs().max() <= 1  # rounding of exact halves
-
-
 def test_the_cpu_readers_crops_equal_the_batched_crop_a_gpu_makes(tiny_data, tmp_path):
     dataset, images, _ = open_cache(tiny_data["train_dir"], 16, tmp_path / "cache", train=True)
     sampler = train_sampler(dataset, 4, rank=0, world_size=1, seed=0)
@@ -87,17 +66,9 @@ def test_the_cpu_readers_crops_equal_the_batched_crop_a_gpu_makes(tiny_data, tmp
     keys = list(iter(sampler))
     for batch, (crops, _, indices, _) in enumerate(loader):
         boxes, flips = loader.draw_crops([key[0] for key in keys[4 * batch:4 * batch + 4]], indices)
-        expected = crop_and_flip(torch.from_numpy(np.array(images[indices.numpy()])), boxes, flips, 16)
+        expected = crop_and_flip(torch.from_numpy(np.array(images[indices.numpy()])), torch.from_numpy(boxes),
+                                 torch.from_numpy(flips), 16)
         assert (crops.int() - expected.int()).abs().max() <= 1
-
-
-def test_crop_boxes_are_drawn_exactly_as_on_the_file_path():
-    import random
-    from dataset import sample_seed
-    for index in range(50):
-        a = random_resized_crop_box(73, 73, (0.08, 1.0), random.Random(sample_seed(1, 2, index)))
-        b = random_resized_crop_box(73, 73, (0.08, 1.0), random.Random(sample_seed(1, 2, index)))
-        assert a == b and 0 <= a[0] and a[0] + a[2] <= 73 and 0 <= a[1] and a[1] + a[3] <= 73
 
 
 @pytest.mark.parametrize("quality", [None, 90], ids=["raw", "compressed"])

@@ -115,8 +115,23 @@ def test_applied_changes_are_named_on_the_resume_line_and_reach_the_optimizer(ti
     code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, weight_decay=0.2, max_grad_norm=1.0)
     assert code == 0
     assert "applied from here: --weight_decay 0.01 -> 0.2, --max_grad_norm 0.0 -> 1.0" in printed
+    assert "crops are drawn" not in printed  # the checkpoint's crops came from the same generator
     groups = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["optimizer_state_dict"]["param_groups"]
     assert [group["weight_decay"] for group in groups] == [0.2]
+
+
+def test_a_checkpoint_from_before_the_counter_based_crops_resumes_with_a_note(tiny_data_module, finished_run,
+                                                                             tmp_path, capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    path = f"{out}/checkpoints/checkpoint_latest.pth"
+    older = torch.load(path)
+    assert older.pop("crop_generator") == "counter-v1"
+    torch.save(older, path)
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2)
+    assert code == 0
+    assert ("training crops are drawn by augment.py's counter-based generator from here (this checkpoint's run "
+            "drew them per sample with Python's random): same distribution, other crops") in printed
+    assert torch.load(path)["crop_generator"] == "counter-v1"
 
 
 def test_another_global_batch_is_refused_naming_the_batch_sizes_that_keep_it(tiny_data_module, finished_run,
