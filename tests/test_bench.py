@@ -168,6 +168,15 @@ def test_bench_crop_draws(tmp_path):
     assert rows[0][3] == "1.00"  # (a) is the baseline of the speed-ups
 
 
+def test_bench_cpu_allocator(tmp_path):
+    run_bench("cpu_allocator.py", "--results_dir", str(tmp_path))
+    rows = table(report(tmp_path, "cpu_allocator"), "measure")
+    assert [row[0] for row in rows] == ["normalize, ms per call (lower is better)",
+                                        "training tiny_cnn 32px b16, images/s", "peak resident memory, MiB",
+                                        "page faults, whole process"]
+    assert all(number(row[1]) > 0 and number(row[2]) > 0 for row in rows)
+
+
 def test_bench_joint_checks(tmp_path):
     run_bench("joint_checks.py", "--results_dir", str(tmp_path))
     text = report(tmp_path, "joint_checks")
