@@ -43,6 +43,7 @@ import harness
 from cache_file import storage_size
 from cache_jpeg import EncodeForCache
 from augment import draw_crops
+from distributed import keep_freed_memory
 from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, resized_crop
 from training import build_data
 
@@ -266,6 +267,7 @@ def main():
                 f"Data: {min(files, 200)} of {files} generated JPEGs, mean {mean_bytes / 1024:.0f} KiB; one thread "
                 "(torch.set_num_threads(1)), in this process, no DataLoader."])
             return
+        keep_freed_memory()  # as setup_distributed does for a training process on a CPU
         rows, builds = [], []
         for image_size in (224, 64):
             size_rows, size_builds = measure(root, count, image_size, batch, rounds, os.path.join(scratch, "cache"))
@@ -289,6 +291,8 @@ def main():
         "so worker start-up is excluded but each pass's pipeline fill is included.",
         "Every path ends with the same normalised float32 NCHW batch in the main process (the project paths "
         "normalise their uint8 batches with dataset.normalize; the baseline's workers do it with Normalize).",
+        "The main process keeps freed memory (distributed.keep_freed_memory), as a training process on a CPU does; "
+        "the baseline's workers are forked from it.",
         "The cache paths run in the main process (no workers; on a CPU one reader thread, "
         "image_cache.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); each is measured once per round and listed in both groups, "
         "compared with that group's baseline."])

@@ -260,7 +260,7 @@ def test_loader_resumed_mid_epoch_yields_the_remaining_batches(tiny_data):
     assert torch.cat([indices for _, _, indices in full]).tolist() == [i for _, i in loader.sampler]
 
 
-def test_batches_do_not_depend_on_the_number_of_workers(tiny_data):
+def test_batches_do_not_depend_on_the_number_of_workers_and_equal_the_items_fetched_one_by_one(tiny_data):
     train_set = AugmentedImageFolder(tiny_data["train_dir"], 16, train=True, seed=4)
     val_set = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
     results = {}
@@ -277,6 +277,12 @@ def test_batches_do_not_depend_on_the_number_of_workers(tiny_data):
     for run0, run2 in zip(results[0], results[2]):
         assert_same_batches(run0, run2)
     assert not torch.equal(results[0][0][0][0], results[0][1][0][0])  # epochs differ
+    # A worker fetches a whole batch at once (its crops drawn together): the same as item by item.
+    for epoch, batches in ((1, results[2][0]), (2, results[2][1])):
+        for images, labels, indices in batches:
+            alone = [train_set[(epoch, index)] for index in indices.tolist()]
+            assert torch.equal(images, torch.stack([image for image, _, _ in alone]))
+            assert labels.tolist() == [label for _, label, _ in alone]
 
 
 @pytest.mark.parametrize("epoch", [1, 4])
