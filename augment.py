@@ -4,7 +4,7 @@ Sample `index` of epoch `epoch` gets torchvision's RandomResizedCrop box and a h
 DRAWS uniform numbers, each one a hash of (seed, epoch, index, draw number) (SplitMix64's mixing
 function). Nothing depends on a loader worker, a process, a reader thread or the order in which
 samples are drawn, so:
-- the file path (one sample per call, in loader workers), the cache path and --decode_on_device
+- the file path (a loader worker's batch, or one item), the cache path and --decode_on_device
   (a batch per call) apply the same crops to the same sample;
 - a resumed run draws the crops the uninterrupted one would have drawn;
 - a batch's boxes are a few numpy operations, not a Python generator per sample (that loop held

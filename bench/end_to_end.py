@@ -10,7 +10,9 @@ training and 64 validation images), ResNet-18 at --image_size 64, batch 64, one 
 - (c) the in-memory ceiling: harness.project_loop (the run training.build_training builds, trained
   by train_ddp.train_one_epoch over CachedBatches) on synthetic uint8 images stored at 73 px (what
   the cache stores for 64 px), cropped to 64 px with the cache's batched random crops, in this
-  process; (c0) the same with a plain center crop.
+  process; (c0) the same with a plain center crop;
+- (d) a bare loop (harness.bare_loop: index, normalise, forward, backward, step) on the same images
+  pre-cropped to 64 px, in this process: the issue's "bare loop on pre-cropped in-memory tensors".
 
 Throughput is the history's samples_per_second (training steps only). Also measured:
 time from command to the first training step (runs with --limit_train_batches 1: the moment the
@@ -67,7 +69,7 @@ def cli_runner(command, log_dir, epoch_seconds):
 
 
 def throughput_rows(root, scratch, size, rounds, warmup, epoch_seconds):
-    """images/s of (a), (b), (c) and (c0), interleaved; fills epoch_seconds["a"] and ["b"]."""
+    """images/s of (a), (b), (c), (c0) and (d), interleaved; fills epoch_seconds["a"] and ["b"]."""
     images, labels = harness.synthetic_images(size["count"], eval_resize_size(size["image_size"]))
     cpu = torch.device("cpu")
 
@@ -82,7 +84,10 @@ def throughput_rows(root, scratch, size, rounds, warmup, epoch_seconds):
                "(b2) CLI, --cache_images --cache_format jpeg": cli_runner(
                    *cli(root, scratch, "b2", cache_flags(scratch) + ["--cache_format", "jpeg"], size), []),
                "(c) in-memory, batched crops": in_memory(augment=True),
-               "(c0) in-memory, center crop": in_memory(augment=False)}
+               "(c0) in-memory, center crop": in_memory(augment=False),
+               "(d) bare loop, pre-cropped in-memory tensors": harness.bare_loop(
+                   size["model"], images[:, :size["image_size"], :size["image_size"]].copy(), labels, size["batch"],
+                   cpu)}
     results = harness.interleave(runners, rounds, warmup)
     rows = []
     for name, values in results.items():
@@ -171,7 +176,8 @@ def main():
         "checkpointing.",
         "(c) does the cache path's per-batch work (uint8 batch read; crops and flips made by the reader threads) on "
         f"in-memory random images stored at {eval_resize_size(px)} px: the ceiling for (b); (c0) skips the random "
-        "crops (center crop only).",
+        "crops (center crop only); (d) is a bare loop (no loader, no metrics, no checks) on the same images "
+        f"pre-cropped to {px} px.",
         "Each epoch saves checkpoint_latest.pth and, when validation accuracy improves, checkpoint_best.pth too: "
         "up to two saves per epoch.",
         f"Checkpoints were written to a temporary folder {'on the same' if same_fs else 'NOT on the same'} file "

@@ -85,7 +85,8 @@ def test_bench_end_to_end(tmp_path):
     rows = table(text, "path")
     assert [row[0] for row in rows] == ["(a) CLI, files, 2 workers", "(b) CLI, --cache_images",
                                         "(b2) CLI, --cache_images --cache_format jpeg",
-                                        "(c) in-memory, batched crops", "(c0) in-memory, center crop"]
+                                        "(c) in-memory, batched crops", "(c0) in-memory, center crop",
+                                        "(d) bare loop, pre-cropped in-memory tensors"]
     assert all(number(row[1]) > 0 for row in rows)
     first_step = table(text.split("Time from command to the first training step")[1], "path")
     assert len(first_step) == 2
