@@ -69,12 +69,15 @@ def keep_freed_memory():
     """On a CPU: let the C allocator keep freed memory for the next step instead of returning it.
     glibc serves each allocation over 32 MB (a float32 batch of 224 px images, large activations)
     from a fresh mmap, so every step page-faults those tensors in anew: measured, 5x the time of
-    normalising a batch and about 10% of a ResNet-18 step at 224 px (BENCHMARKS.md), for about 20%
+    normalising a batch and about 9% of a ResNet-18 step at 224 px (BENCHMARKS.md), for about 16%
     more resident memory. Left alone when the user chose (MALLOC_* variables, a preloaded
     allocator) and where the C library has no mallopt. Returns whether it applied."""
     if "LD_PRELOAD" in os.environ or any(name.startswith("MALLOC_") for name in os.environ):
         return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library to look into (Windows)
+        return False
     return bool(mallopt and mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
