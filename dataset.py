@@ -114,6 +114,16 @@ def resized_crop(image, box, size, flip, full_size=None):
     return resized.transpose(Image.FLIP_LEFT_RIGHT) if flip else resized
 
 
+def planar(image, out=None):
+    """An RGB PIL image as a (3, H, W) uint8 array (into `out` when given), each plane packed by
+    PIL itself: half the time of transposing its (H, W, 3) pixels with numpy."""
+    if out is None:
+        out = np.empty((3, image.height, image.width), dtype=np.uint8)
+    for channel, band in enumerate("RGB"):
+        out[channel] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(image.height, image.width)
+    return out
+
+
 class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder returning (uint8 CHW tensor, label, index).
 
@@ -183,7 +193,7 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
 
     def item(self, index, load):
         image = self.readable(self.samples[index][0], load)
-        return None if image is None else (TF.pil_to_tensor(image), self.samples[index][1], index)
+        return None if image is None else (torch.from_numpy(planar(image)), self.samples[index][1], index)
 
     def readable(self, path, load):
         """load(path); an unreadable file raises a DataError naming it, or with skip_bad_images

@@ -26,7 +26,7 @@ import distributed
 from cache_file import NodeLeader, Team, describe_cache, storage_size
 from cache_jpeg import JpegImages
 from augment import crop_and_flip, draw_crops
-from dataset import resized_crop, train_sampler
+from dataset import planar, resized_crop, train_sampler
 from errors import DataError
 
 
@@ -263,8 +263,7 @@ class CachedBatches:
                 crops[row] = stored[start:start + size, start:start + size].transpose(2, 0, 1)
                 continue
             left, top, width, height = boxes[row].tolist()
-            crop = resized_crop(stored, (left, top, left + width, top + height), size, bool(flips[row]))
-            crops[row] = np.asarray(crop).transpose(2, 0, 1)
+            planar(resized_crop(stored, (left, top, left + width, top + height), size, bool(flips[row])), crops[row])
         return torch.from_numpy(crops)
 
     def stored_pixels(self, indices):

@@ -16,7 +16,7 @@ from config import parse_args
 from augment import draw_crop
 from dataset import (BAND_ASPECT, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
                      build_datasets, build_loaders, eval_resize_size, load_eval, normalize, open_resized,
-                     open_rgb, resized_crop)
+                     open_rgb, planar, resized_crop)
 
 
 def data_args(data, **overrides):
@@ -88,6 +88,15 @@ def test_resized_crop_of_a_stored_array_equals_that_of_the_pil_image_and_torchvi
             expected = TF.resized_crop(image, top, left, h, w, [16, 16], InterpolationMode.BILINEAR)
             expected = TF.hflip(expected) if flip else expected
             assert from_array.tobytes() == from_image.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("width, height", [(224, 224), (37, 5), (1, 9)])
+def test_planar_is_the_images_channels_first_pixels(width, height):
+    image = Image.fromarray(np.random.RandomState(width).randint(0, 256, (height, width, 3), dtype=np.uint8))
+    assert np.array_equal(planar(image), TF.pil_to_tensor(image).numpy())
+    out = np.zeros((2, 3, height, width), dtype=np.uint8)
+    planar(image, out[1])
+    assert np.array_equal(out[1], TF.pil_to_tensor(image).numpy()) and not out[0].any()
 
 
 def test_hflip_probability_one_mirrors_the_same_crop(tiny_data):
