@@ -114,11 +114,19 @@ def resized_crop(image, box, size, flip, full_size=None):
     return resized.transpose(Image.FLIP_LEFT_RIGHT) if flip else resized
 
 
+PLANES_BY_PIL = 128 * 128  # pixels from which PIL's per-plane packing beats one numpy transpose
+
+
 def planar(image, out=None):
-    """An RGB PIL image as a (3, H, W) uint8 array (into `out` when given), each plane packed by
-    PIL itself: half the time of transposing its (H, W, 3) pixels with numpy."""
+    """An RGB PIL image as a (3, H, W) uint8 array (into `out` when given). From PLANES_BY_PIL
+    pixels each plane is packed by PIL itself (half the time of a numpy transpose at 224 px, the
+    same at 128 px); smaller images are transposed by numpy, whose one call costs less than three.
+    bench/input_pipeline.py --profile has both."""
     if out is None:
         out = np.empty((3, image.height, image.width), dtype=np.uint8)
+    if image.width * image.height < PLANES_BY_PIL:
+        out[:] = np.asarray(image).transpose(2, 0, 1)
+        return out
     for channel, band in enumerate("RGB"):
         out[channel] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(image.height, image.width)
     return out

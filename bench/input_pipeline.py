@@ -44,7 +44,7 @@ from cache_file import storage_size
 from cache_jpeg import EncodeForCache
 from augment import draw_crops
 from distributed import keep_freed_memory
-from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, resized_crop
+from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, planar, resized_crop
 from training import build_data
 
 IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
@@ -221,6 +221,10 @@ def profile_stages(train_dir, count):
             [size, "crop + resize alone: torch uint8 resized_crop (antialias)",
              per_image(lambda i: TF.resized_crop(tensors[i], boxes[i][1], boxes[i][0], boxes[i][3], boxes[i][2],
                                                  [size, size], antialias=True))]]
+        crops = [decoded[i].resize((size, size), Image.BILINEAR, box=edges(i)) for i in range(len(files))]
+        rows += [[size, "a crop's planes (CHW): numpy transpose of its HWC pixels",
+                  per_image(lambda i: np.ascontiguousarray(np.asarray(crops[i]).transpose(2, 0, 1)))],
+                 [size, "a crop's planes (CHW): dataset.planar (the project's)", per_image(lambda i: planar(crops[i]))]]
         rows += compressed_cache_stages(project, size, len(files), per_image)
     return rows
 

@@ -108,7 +108,7 @@ def test_bench_input_pipeline(tmp_path):
     assert all(number(row[3]) > 0 for row in builds) and all(0 < number(row[4]) < 1 for row in builds[1::2])
     run_bench("input_pipeline.py", "--profile", "--data", photos, "--results_dir", str(tmp_path))
     stages = table(report(tmp_path, "input_pipeline_profile"), "image size")
-    assert len(stages) == 5 + 2 * 8  # decodes, then 8 stages per image size
+    assert len(stages) == 5 + 2 * 10  # decodes, then 10 stages per image size
     assert all(number(row[2]) > 0 for row in stages[:5]) and all(number(row[2]) >= 0 for row in stages)
 
 
