@@ -40,11 +40,16 @@ BAND_ASPECT = 8
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def header_size(path):
+    """An image's (width, height) from its header, without decoding it."""
+    with Image.open(path) as header:
+        return header.size
+
+
 def open_resized(path, short_side, fast_decode=True):
     """Decode an image (at a reduced JPEG scale when that is still large enough) and resize its
     shorter side to `short_side`: the first step of the evaluation transform (see resize_shorter_side)."""
-    with Image.open(path) as header:
-        width, height = header.size
+    width, height = header_size(path)
     short = min(width, height)
     min_size = (width * short_side / short, height * short_side / short) if fast_decode else None
     return resize_shorter_side(open_rgb(path, min_size), short_side)
@@ -222,12 +227,6 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         min_size = (width * self.image_size / w, height * self.image_size / h) if self.fast_decode else None
         return resized_crop(open_rgb(path, min_size), (left, top, left + w, top + h), self.image_size, flip,
                             full_size=(width, height))
-
-
-def header_size(path):
-    """An image's (width, height) from its header, without decoding it."""
-    with Image.open(path) as header:
-        return header.size
 
 
 def build_datasets(args, world_size=1):
