@@ -4,8 +4,10 @@ Torch-free, so launch_ddp.py can refuse bad flags in a fraction of a second (fol
 same for data folders).
 """
 import argparse
+import difflib
 import json
 import os
+import sys
 import tempfile
 
 from errors import ConfigError
@@ -30,12 +32,59 @@ DEMO_DEFAULTS = dict(epochs=6, image_size=32, batch_size=32, learning_rate=2e-3,
                      hflip_prob=0.0, num_workers=1, warmup_steps=20)
 
 
+class Parser(argparse.ArgumentParser):
+    """A mistake in the flags is a ConfigError (one `error:` line from the caller, exit 2), not
+    argparse's usage text; a misspelt flag names the closest real one."""
+
+    other_flags = ()  # flags a wrapping command line takes besides these (launch_ddp.py's own)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unrecognized(unknown, [*self._option_string_actions, *self.other_flags]))
+        return namespace
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default only where it says something: not None or a switch's False, and
+    not where the help text already states the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def unrecognized(tokens, flags):
+    """The message for command-line words no flag takes, naming the closest flag for each misspelt
+    one (compared without dashes, - read as _: `--learning-rate` and `--lr_rate` -> --learning_rate)."""
+    names = {flag.lstrip("-"): flag for flag in flags if flag.startswith("--")}
+    words = [token.split("=", 1)[0] for token in tokens if token.startswith("--")] or tokens
+    closest = {word: difflib.get_close_matches(word.lstrip("-").replace("-", "_"), names, n=1) for word in words}
+    if len(words) == 1 and closest[words[0]]:
+        return f"unrecognized argument {words[0]}; did you mean {names[closest[words[0]][0]]}?"
+    listed = ", ".join(word + (f" (did you mean {names[match[0]]}?)" if match else "")
+                       for word, match in closest.items())
+    return f"unrecognized argument{'s' if len(words) > 1 else ''} {listed}; see --help for the flags"
+
+
+def print_help_if_asked(argv):
+    """Answer -h/--help from this torch-free module and exit: train_ddp.py calls it before it
+    imports torch, which takes seconds."""
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        sys.exit(0)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Train an image classifier with PyTorch DDP. Run directly (one process), "
                     "under torchrun, or through launch_ddp.py; distribution is read from "
                     "torchrun's environment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        formatter_class=HelpFormatter, allow_abbrev=False)
     add_data_flags(parser.add_argument_group("data"))
     add_model_flags(parser.add_argument_group("model"))
     add_optimisation_flags(parser.add_argument_group("optimisation"))
@@ -61,7 +110,9 @@ def add_data_flags(data):
                            "weights' own)")
     data.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                       help="per-channel normalisation standard deviation (default ImageNet's, or the weights' own)")
-    data.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes per training process")
+    data.add_argument("--num_workers", type=int, default=None,
+                      help="DataLoader worker processes per training process (default: this machine's usable "
+                           "cores shared among its training processes, at least 1, at most 4)")
     data.add_argument("--min_crop_scale", type=float, default=0.08,
                       help="smallest image area fraction a random resized crop keeps")
     data.add_argument("--hflip_prob", type=float, default=0.5, help="probability of a horizontal flip")
@@ -139,8 +190,11 @@ def add_optimisation_flags(optim):
 
 def add_precision_flags(precision):
     precision.add_argument("--use_amp", action="store_true", help="automatic mixed precision (torch.amp autocast)")
-    precision.add_argument("--amp_dtype", choices=["float16", "bfloat16"], default="float16",
-                           help="autocast dtype; float16 uses a GradScaler, bfloat16 needs none")
+    precision.add_argument("--amp_dtype", choices=["auto", "float16", "bfloat16"], default="auto",
+                           help="autocast dtype; float16 uses a GradScaler, bfloat16 needs none. auto: float16 on "
+                                "GPUs; on a CPU bfloat16 where it has native bfloat16 instructions, else full "
+                                "precision (float16 autocast on a CPU is many times slower than float32); a resumed "
+                                "run keeps its checkpoint's")
     precision.add_argument("--find_unused_parameters", action="store_true",
                            help="DDP find_unused_parameters, for models with branches unused in a step")
     precision.add_argument("--dist_timeout_minutes", type=float, default=10.0,
@@ -202,9 +256,12 @@ def add_output_flags(output):
     output.add_argument("--wandb_name", default=None, help="WandB run name")
     output.add_argument("--use_tensorboard", action="store_true", help="log to TensorBoard under log_dir/tensorboard")
 
-def parse_args(argv=None):
-    """Flags, in increasing priority: defaults, the --demo recipe, the --config file, the command line."""
+def parse_args(argv=None, other_flags=()):
+    """Flags, in increasing priority: defaults, the --demo recipe, the --config file, the command line.
+    Values are checked as given, before defaults are derived from them. other_flags: a wrapping
+    command line's own flags, offered too when a flag is misspelt."""
     parser = build_parser()
+    parser.other_flags = other_flags
     first = parser.parse_args(argv)
     if first.demo:
         parser.set_defaults(**DEMO_DEFAULTS, train_dir=f"{DEMO_DIR}/train", val_dir=f"{DEMO_DIR}/val")
@@ -214,10 +271,22 @@ def parse_args(argv=None):
     if args.fast_dev_run:  # one batch each way, nothing written (checkpoints, history, loggers)
         args.epochs, args.limit_train_batches, args.limit_val_batches, args.num_sanity_val_steps = 1, 1, 1, 0
         args.use_wandb = args.use_tensorboard = False
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    validate_args(args)  # the values as given: a default derived from a bad one would hide it
     if not args.pretrained:  # with --pretrained, the ranks fill them in from the weights' own transform
         fill_preprocessing(args)
-    validate_args(args)
+        check_preprocessing(args)
     return args
+
+
+def default_num_workers(local_processes):
+    """DataLoader workers per process when --num_workers is not given: the usable cores shared
+    among this machine's training processes, at most 4. At least 1 even with under one core per
+    process: torch's DataLoader warns only above the core count, and a worker still overlaps
+    decoding with the step."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // max(1, local_processes)))
 
 
 def eval_resize_size(image_size, fraction=EVAL_RESIZE_FRACTION):
@@ -229,9 +298,11 @@ def fill_preprocessing(args, image_size=DEFAULT_IMAGE_SIZE, resize_fraction=EVAL
                        mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Give the preprocessing flags not set (None) these values: a crop size, the resize as a
     fraction of it, mean and std. Flags the user set stay."""
-    args.image_size = args.image_size or image_size
-    args.resize_size = args.resize_size or eval_resize_size(args.image_size, resize_fraction)
-    args.mean, args.std = list(args.mean or mean), list(args.std or std)
+    if args.image_size is None:
+        args.image_size = image_size
+    if args.resize_size is None:
+        args.resize_size = eval_resize_size(args.image_size, resize_fraction)
+    args.mean, args.std = list(mean if args.mean is None else args.mean), list(std if args.std is None else args.std)
 
 
 def check_preprocessing(args):
@@ -269,7 +340,10 @@ def read_config_file(path, parser):
     for key, value in values.items():
         action = actions.get(key)
         if action is None or key in ("help", "config"):
-            raise ConfigError(f"--config {path}: unknown key '{key}' (keys are train_ddp.py flag names)")
+            match = difflib.get_close_matches(str(key), [name for name in actions if name not in ("help", "config")],
+                                              n=1)
+            raise ConfigError(f"--config {path}: unknown key '{key}' (keys are train_ddp.py flag names"
+                              + (f"; did you mean '{match[0]}'?)" if match else ")"))
         try:
             if action.nargs == 3 and value is not None:  # --mean, --std
                 if not (isinstance(value, list) and len(value) == 3):

@@ -89,12 +89,42 @@ def load_eval(path, image_size, resize_size=None, fast_decode=True):
 
 
 def open_rgb(path, min_size=None):
-    """Decode an image as RGB. With `min_size` (w, h), JPEGs decode at a reduced scale
+    """Decode an image as RGB (to_rgb). With `min_size` (w, h), JPEGs decode at a reduced scale
     (libjpeg DCT scaling via PIL's draft mode) that is still at least that large."""
     with Image.open(path) as img:
         if min_size is not None and img.format == "JPEG":
             img.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+# PIL's modes of more than 8 bits per pixel: 16-bit grayscale (PNG, TIFF: I;16*; PGM: I, scaled by
+# PIL to 0..65535), 32-bit integer (I) and float (F) TIFFs. PIL's convert("RGB") clips them at 255,
+# which turns a 16-bit image white. (16-bit RGB and gray+alpha PNGs open as RGB, RGBA: 8 bits already.)
+WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+FLOAT_TO_UINT8 = np.float32(255.999)  # torchvision's to_dtype(uint8, scale=True) of a float image
+
+
+def to_rgb(image):
+    """A PIL image as RGB. Wide modes are scaled to 8 bits as torchvision's decoder and its
+    to_dtype(uint8, scale=True) do (--decode_on_device): integers are 16-bit (0..65535) and keep
+    their high byte, floats are 0..1 and multiplied by 255.999. Values outside those ranges are
+    refused (a ValueError, as for an unreadable file): no scale for them would be right."""
+    if image.mode not in WIDE_MODES:  # 8-bit images: PIL's conversion, nothing else to pay
+        return image.convert("RGB")
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        low, high = pixels.min(), pixels.max()
+        if not (0 <= low and high <= 1):  # NaN fails too
+            raise ValueError(f"a float image (PIL mode F) with values {low:g} to {high:g}; only 0 to 1 can be "
+                             "scaled to 8 bits: rescale it to 0-1 or save it as 8- or 16-bit integers")
+        eight_bit = (pixels * FLOAT_TO_UINT8).astype(np.uint8)
+    else:
+        if image.mode == "I" and not (0 <= pixels.min() and pixels.max() <= 65535):
+            raise ValueError(f"a 32-bit integer image (PIL mode I) with values {pixels.min()} to {pixels.max()}; "
+                             "only 16-bit values (0 to 65535) can be scaled to 8 bits: rescale it or save it "
+                             "as 8- or 16-bit")
+        eight_bit = (pixels >> 8).astype(np.uint8)
+    return Image.fromarray(eight_bit).convert("RGB")
 
 
 def resized_crop(image, box, size, flip, full_size=None):

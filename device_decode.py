@@ -8,16 +8,19 @@ decoded in one torchvision.io.decode_jpeg call (nvjpeg), then each image is crop
 the file path's per-sample box and flip (augment.draw_crops for the whole batch, drawn
 on the decoded sizes, as the file path draws it on the header's) and resized with torchvision's
 antialiased bilinear filter; evaluation resizes the shorter side to --resize_size and
-center-crops. Files that are not JPEGs (PNG, ...) are decoded by the reader threads on the CPU.
+center-crops (for images beyond dataset.BAND_ASPECT only the central band, as the file path does).
+Files that are not JPEGs are decoded by the reader threads on the CPU: PNG and WebP by
+torchvision, the formats it lacks (BMP, TIFF, PPM, ...) by the file path's decoder (PIL).
 Without CUDA the reader threads decode (libjpeg-turbo) and crop: the same batches, for tests and
 small machines, though DataLoader workers are usually faster on a CPU, so it stays opt-in.
 """
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2.functional import to_dtype
 
 from augment import draw_crops
-from dataset import train_sampler
+from dataset import BAND_ASPECT, UNREADABLE, open_rgb, planar, resize_shorter_side, train_sampler
 from distributed import validation_shard
 from errors import DataError
 from image_cache import CachedBatches
@@ -60,22 +63,36 @@ class DeviceDecodedFiles(CachedBatches):
         path = self.dataset.samples[index][0]
         try:
             data = read_file(path)
-            if tuple(data[:2].tolist()) == JPEG_START:
-                return data
-            return decode_image(data, mode=ImageReadMode.RGB)
         except (OSError, RuntimeError) as exc:
+            raise unreadable(path, exc) from None
+        if tuple(data[:2].tolist()) == JPEG_START:
+            return data
+        try:
+            # 16-bit PNGs decode to uint16: scaled to 8 bits (the high byte), as dataset.to_rgb scales them
+            return to_dtype(decode_image(data, mode=ImageReadMode.RGB), torch.uint8, scale=True)
+        except RuntimeError:  # a format torchvision lacks (BMP, TIFF, PPM), or a broken file
+            return self.decode_on_host(index)
+
+    def decode_on_host(self, index):
+        """The file path's decoder (PIL) for an image that torchvision's cannot decode; a file that
+        PIL cannot read either is named."""
+        path = self.dataset.samples[index][0]
+        try:
+            return torch.from_numpy(planar(open_rgb(path)))
+        except UNREADABLE as exc:
             raise unreadable(path, exc) from None
 
     def decode_and_crop(self, files, epochs, indices):
         """Decode the batch's JPEGs in one call on the device, then crop each image."""
         jpegs = [row for row, data in enumerate(files) if data.dim() == 1]
         decoded = list(files)
-        try:
-            images = decode_jpeg([files[row] for row in jpegs], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            images = [self.decode_one(files[row], indices[row].item()) for row in jpegs]
-        for row, image in zip(jpegs, images):
-            decoded[row] = image
+        if jpegs:  # decode_jpeg refuses an empty list (a batch of PNGs)
+            try:
+                images = decode_jpeg([files[row] for row in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                images = [self.decode_one(files[row], indices[row].item()) for row in jpegs]
+            for row, image in zip(jpegs, images):
+                decoded[row] = image
         size = self.image_size
         crops = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=self.device)
         boxes = flips = [None] * len(files)
@@ -88,26 +105,38 @@ class DeviceDecodedFiles(CachedBatches):
         return crops
 
     def decode_one(self, data, index):
-        """One JPEG of a batch that failed to decode: the file that is broken, named."""
+        """One JPEG of a batch that failed to decode: by the file path's decoder if the device's
+        refuses it, else the file that is broken, named."""
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as exc:
-            raise unreadable(self.dataset.samples[index][0], exc) from None
+        except RuntimeError:
+            return self.decode_on_host(index)
 
     def transform(self, image, box, flip):
         """The file path's crop `box` (left, top, width, height) and flip of one decoded CHW image,
         or without a box the evaluation transform."""
         size = self.image_size
         if box is None:
-            return TF.center_crop(TF.resize(image, self.dataset.resize_size, antialias=True), size)
+            return TF.center_crop(self.resize_shorter_side(image), size)
         left, top, crop_width, crop_height = box
         crop = TF.resized_crop(image, top, left, crop_height, crop_width, [size, size], antialias=True)
         return crop.flip(-1) if flip else crop
 
+    def resize_shorter_side(self, image):
+        """The file path's evaluation resize (dataset.resize_shorter_side): torchvision's, on the
+        device; beyond BAND_ASPECT only the central band the center crop keeps, by PIL on the host as
+        the file path does it (a 1 x 6000 px image resized whole is 256 x 1,536,000 px)."""
+        short_side = self.dataset.resize_size
+        short, long = sorted(image.shape[-2:])
+        if int(short_side * long / short) <= BAND_ASPECT * short_side:
+            return TF.resize(image, short_side, antialias=True)
+        band = resize_shorter_side(TF.to_pil_image(image.cpu()), short_side)
+        return TF.pil_to_tensor(band).to(image.device)
+
 
 def unreadable(path, exc):
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DataError(f"cannot read image {path} ({message}); fix or remove it, or train without --decode_on_device")
+    return DataError(f"cannot read image {path} ({message}); fix or remove it")
 
 
 def build_device_decoded_loaders(train_set, val_set, args, ctx):

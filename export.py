@@ -6,13 +6,15 @@ The exported model takes uint8 RGB images, NCHW, any batch size, already resized
 `resize_size`) and center-cropped to `image_size` x `image_size`, and returns float32 logits in
 `class_names` order. The run's normalisation (dataset.normalize with the checkpoint's mean and
 std, SCHEMA's "preprocessing") is inside the graph: a deployment only decodes, resizes and crops,
-and cannot get the mean/std, the channel order or the 0-255 vs 0-1 scale wrong; uint8 input is also a quarter of float32's size. The same batch fed to
-the checkpoint's PyTorch model after that normalisation gives the same logits.
+and cannot get the mean/std, the channel order or the 0-255 vs 0-1 scale wrong; uint8 input is
+also a quarter of float32's size. The same batch fed to the checkpoint's PyTorch model after that
+normalisation gives the same logits.
 
 Metadata (class_names, model_name, weights, image_size, resize_size, mean, std, input, output)
 goes into the file itself, in ONNX's metadata_props (each value JSON-encoded) or TorchScript's
 extra file `metadata.json`, and into a sidecar `<output>.json`. Both files are written under
-temporary names and renamed, so a failed export leaves no partial file.
+temporary names and renamed, so a failed export leaves no partial file. They never replace the
+checkpoint itself (under whatever name), nor, without --overwrite, a file that no export wrote.
 
 ONNX uses torch's default (dynamo) exporter, which needs the `onnx` and `onnxscript` packages
 (requirements-dev.txt). TorchScript uses torch.jit.trace: torch deprecates TorchScript, but it
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+import zipfile
 
 import torch
 
@@ -38,6 +41,10 @@ TORCHSCRIPT_METADATA_FILE = "metadata.json"
 # Batch sizes of the example input and of the check that the batch dimension stayed dynamic. Not 1:
 # torch.export specialises a dimension of size 1 to a constant.
 EXPORT_BATCH, CHECK_BATCH = 2, 3
+# What marks a previous export: its sidecar's keys (export_metadata's), and an ONNX model's first
+# byte (ModelProto's ir_version field, which protobuf writes first) or a TorchScript archive's metadata.
+EXPORT_KEYS = frozenset({"class_names", "model_name", "weights", "input", "output"})
+ONNX_START = b"\x08"
 
 
 class NormalizingClassifier(torch.nn.Module):
@@ -66,11 +73,51 @@ def build_parser():
                              "its metadata also goes to <output>.json")
     parser.add_argument("--weights", choices=("model", "ema"), default="model",
                         help="the trained weights, or their exponential moving average (--use_ema runs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output file that is not an earlier export (never the checkpoint)")
     return parser
 
 
 def default_output(checkpoint_path, export_format):
     return os.path.splitext(checkpoint_path)[0] + SUFFIXES[export_format]
+
+
+def check_output(checkpoint_path, output, export_format, overwrite):
+    """Refuse an output whose writing would lose a file: the checkpoint (under any name, link or
+    spelling), or without `overwrite` an existing file that is not an earlier export."""
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder; give a file name")
+    for path in (output, output + ".json"):
+        if os.path.exists(path) and os.path.exists(checkpoint_path) and os.path.samefile(path, checkpoint_path):
+            other = os.path.splitext(output)[0] + f"-{export_format}{SUFFIXES[export_format]}"
+            raise UsageError(f"writing {path} would replace the checkpoint being exported; give the export "
+                             f"another name, e.g. --output {other}")
+    if overwrite or earlier_export(output):
+        return
+    for path in (output, output + ".json"):
+        if os.path.lexists(path):
+            raise UsageError(f"{path} exists and is not an earlier export; pass --overwrite to replace it, "
+                             "or give another --output")
+
+
+def earlier_export(output):
+    """Whether `output` and its sidecar hold an earlier export: the sidecar is an export's metadata and
+    the file (if any) an ONNX model or a TorchScript archive with its metadata, which a training
+    checkpoint (a zip without it) that happens to lie beside a stale sidecar is not."""
+    try:
+        with open(output + ".json") as f:
+            sidecar = json.load(f)
+        if not (isinstance(sidecar, dict) and EXPORT_KEYS <= sidecar.keys()):
+            return False
+        if not os.path.lexists(output):
+            return True
+        if zipfile.is_zipfile(output):
+            with zipfile.ZipFile(output) as archive:
+                return any(name.endswith("/extra/" + TORCHSCRIPT_METADATA_FILE) for name in archive.namelist())
+        with open(output, "rb") as f:
+            return f.read(1) == ONNX_START
+    except (OSError, ValueError, zipfile.BadZipFile):  # unreadable, not JSON, a damaged zip: not ours to replace
+        return False
 
 
 def export_metadata(checkpoint, weights):
@@ -154,8 +201,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         output = args.output or default_output(args.checkpoint, args.format)
-        if os.path.isdir(output):
-            raise UsageError(f"--output {output} is a folder; give a file name")
+        check_output(args.checkpoint, output, args.format, args.overwrite)
         checkpoint = load_checkpoint(args.checkpoint)
         metadata = export(checkpoint, args.format, args.weights, output)
     except (UsageError, CheckpointError, ModelError) as exc:

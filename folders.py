@@ -7,6 +7,10 @@ from collections import deque
 
 from errors import DataError
 
+# torchvision's IMG_EXTENSIONS (what ImageFolder and dataset.py accept), spelled out here so the
+# launcher can check class folders without importing torchvision.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 
 def class_folders(root, role):
     """The sorted class sub-folder names of an ImageFolder root, with clear errors."""
@@ -41,6 +45,36 @@ def check_data_folders(train_dir, val_dir):
         raise DataError(f"val classes differ from train classes (only in train: {only_train[:5]}, "
                         f"only in val: {only_val[:5]}); both folders need the same class sub-folders")
     return train_classes
+
+
+def refuse_empty_classes(root, classes):
+    """The workers' DataError for class folders holding no image (dataset.py's make_dataset), found
+    before anything spawns: each folder is read only until its first image (has_files)."""
+    empty = [name for name in classes if not has_files(os.path.join(root, name), IMAGE_EXTENSIONS)]
+    if empty:
+        raise DataError(f"no image files in the class folder(s) {', '.join(empty[:5])} of {root} "
+                        f"(supported extensions: {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def has_files(folder, extensions):
+    """Whether find_files(folder, extensions) finds anything (the same entries count), stopping at
+    the first one: a class folder of thousands of images costs one directory read."""
+    extensions = tuple(extensions)
+    walked, pending, ignored = set(), deque([folder]), []
+    while pending:
+        path = pending.popleft()
+        try:
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) in walked:
+                continue
+            walked.add((info.st_dev, info.st_ino))
+            with os.scandir(path) as scan:
+                if any(not entry.name.startswith(".") and keep_entry(entry, extensions, pending, pending, ignored)
+                       for entry in scan):
+                    return True
+        except OSError:  # find_files skips such a directory too (with a warning, which the workers print)
+            continue
+    return False
 
 
 def find_files(folder, extensions):

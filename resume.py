@@ -10,6 +10,8 @@ section has the same contract as a table.
   global sequence (sampling.py).
 - Re-planned: --epochs (the schedule's horizon follows it: a cosine anneals to zero at the new
   last epoch).
+- Kept: the AMP dtype a run trained with, when --amp_dtype is not given (auto), as the
+  accumulation is.
 - Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...).
 - Refused unless the part is explicitly started afresh: another optimizer (--reset_optimizer),
   another schedule or peak rate (--reset_lr_schedule), another --backbone_lr_scale (both), another
@@ -56,6 +58,9 @@ def plan_resume(checkpoint, path, args, world_size):
         raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
                           f"comes from --seed {saved['seed']}: pass --seed {saved['seed']} (a new seed applies "
                           "from an epoch's start)")
+    trained_amp = saved.get("amp_dtype") if saved.get("use_amp") else None  # older checkpoints: float16, the default
+    if args.use_amp and args.amp_dtype == "auto" and trained_amp in ("float16", "bfloat16"):
+        args.amp_dtype = trained_amp
     notes = [keep_global_batch(checkpoint, path, args, world_size)]
     if saved.get("epochs", args.epochs) != args.epochs:
         plan = "schedule re-planned for" if args.lr_scheduler == "cosine" and "lr_schedule" not in reset else "now"

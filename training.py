@@ -5,13 +5,14 @@
 """
 import math
 import os
-import warnings
+import platform
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import InterpolationMode
 
+from checkpoint import unwrap
 from config import PREPROCESSING_FLAGS, check_preprocessing, fill_preprocessing
 from dataset import build_datasets, build_loaders, prepare_digits_demo
 from device_decode import build_device_decoded_loaders
@@ -19,7 +20,6 @@ from distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from errors import ModelError
 from image_cache import build_cached_loaders
 from loggers import RunLogger
-from checkpoint import unwrap
 from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file
 from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 from sampling import SampleTrace
@@ -42,7 +42,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: torch.optim.swa_utils.AveragedModel | None
-    amp_dtype: torch.dtype
+    amp_dtype: torch.dtype          # autocast's (torch.float32 when the run has no AMP: resolve_amp)
     memory_format: torch.memory_format
     mean: tuple                     # the run's normalisation (--mean, --std), of 0-1 pixels
     std: tuple
@@ -94,15 +94,13 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     model = model.to(ctx.device, memory_format=memory_format)
     learning_rate = scaled_learning_rate(args, ctx.world_size)
     optimizer = build_optimizer(model, args, learning_rate, head=model.get_submodule(last_linear_name(model)))
-    amp_dtype = getattr(torch, args.amp_dtype)
+    amp_dtype = resolve_amp(args, ctx)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.use_amp and amp_dtype == torch.float16)
     batches_per_epoch = min(batches_in_loader, args.limit_train_batches or batches_in_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     ema = build_ema(model, args.ema_decay) if args.use_ema else None
     model = wrap(model, args, ctx)
-    if args.use_amp and amp_dtype == torch.bfloat16 and ctx.device.type == "cpu" and ctx.is_main:
-        warn_slow_cpu_bf16()
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, tuple(args.mean),
                     tuple(args.std), batches_per_epoch,
@@ -176,14 +174,45 @@ def resolve_preprocessing(args, ctx):
                     + (f", except what you set ({', '.join(given)})" if given else "") + resampling)
 
 
-def warn_slow_cpu_bf16():
-    """bfloat16 autocast on a CPU without native bf16 instructions emulates them, far slower than
-    float32; CPUs with AVX512-BF16 or AMX run it faster (see BENCHMARKS.md)."""
+def resolve_amp(args, ctx):
+    """The autocast dtype of this run, settled in args so that its checkpoints keep what ran (a
+    resumed run inherits it: resume.plan_resume). --amp_dtype auto is float16 on GPUs; on a CPU,
+    bfloat16 where the CPU has native bfloat16 instructions, else no AMP at all (args.use_amp
+    becomes False): float16 autocast on a CPU, or bfloat16 without those instructions, is many
+    times slower than float32. On a CPU one line says what was chosen, or what an explicit choice
+    costs. Returns the torch dtype (float32 without AMP)."""
+    if not args.use_amp:
+        return torch.float32
+    if ctx.device.type != "cpu":
+        args.amp_dtype = "float16" if args.amp_dtype == "auto" else args.amp_dtype
+        return getattr(torch, args.amp_dtype)
+    native = cpu_has_native_bfloat16()
+    if args.amp_dtype == "auto" and not native:
+        args.use_amp = False
+        main_print(ctx, "AMP: full precision (float32) on this CPU: it has no native bfloat16 instructions, and "
+                        "float16 autocast is many times slower than float32 on a CPU (--amp_dtype forces either)")
+        return torch.float32
+    if args.amp_dtype == "auto":
+        args.amp_dtype = "bfloat16"
+        main_print(ctx, "AMP: bfloat16 autocast (this CPU has native bfloat16 instructions; float16 autocast is many "
+                        "times slower than float32 on a CPU)")
+    elif args.amp_dtype == "float16":
+        main_print(ctx, "Warning: float16 autocast on a CPU runs 10-20x slower than float32 (ResNet-18); "
+                        "--amp_dtype bfloat16 on a CPU with native bfloat16, or no --use_amp, avoids that")
+    elif not native:
+        main_print(ctx, "Warning: --amp_dtype bfloat16 on a CPU without native bfloat16 instructions: it is emulated "
+                        "and runs far slower than float32 here (drop --use_amp on this CPU)")
+    else:
+        main_print(ctx, "AMP: bfloat16 autocast (this CPU has native bfloat16 instructions)")
+    return getattr(torch, args.amp_dtype)
+
+
+def cpu_has_native_bfloat16():
+    """AVX512-BF16 or AMX on x86 (oneDNN's own check also counts plain AVX-512, which only emulates
+    bfloat16); elsewhere oneDNN's check (Arm's BF16 extension)."""
     try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
-    if not native:
-        warnings.warn("this CPU has no native bfloat16 support: bfloat16 autocast runs far slower than "
-                      "float32 here (drop --use_amp on this CPU; BENCHMARKS.md has the measurement)",
-                      stacklevel=2)
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # private helpers of torch, absent from some builds
+        return False

@@ -1,12 +1,13 @@
 """config.py: the flags' checks that run before anything is built (torch-free, so the launcher
 refuses in a fraction of a second), and the preprocessing defaults."""
+import json
 import os
 import sys
 
 import pytest
 
 from config import ConfigError, parse_args
-from conftest import data_flags, run_cli
+from conftest import data_flags, run_cli, torchrun, train_cmd
 
 
 # ------------------------------------------------------------------ --image_size the model can take
@@ -59,3 +60,87 @@ def test_impossible_preprocessing_is_refused_in_one_line(tiny_data, tmp_path, fl
                      check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("flag, value", [("image_size", "0"), ("resize_size", "0"), ("image_size", "-3"),
+                                         ("resize_size", "-1")])
+def test_a_size_below_one_is_refused_in_one_line_not_replaced_by_the_default(tiny_data, tmp_path, flag, value):
+    flags = [*data_flags(tiny_data, str(tmp_path / "run"), image_size=None), f"--{flag}", value]
+    for command in ([sys.executable, "launch_ddp.py", *flags], train_cmd(*flags)):
+        result = run_cli(command, check=False)
+        assert result.returncode == 2, result.stdout
+        assert result.stderr == f"error: --{flag} must be at least 1, got {value}\n"
+        assert not os.path.exists(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ the command line itself
+
+@pytest.mark.parametrize("typo, meant", [("--lr_rate", "--learning_rate"), ("--learning-rate", "--learning_rate"),
+                                         ("--epoch", "--epochs"), ("--batchsize", "--batch_size")])
+def test_a_misspelt_flag_gets_one_line_naming_the_closest_flag(tiny_data, tmp_path, typo, meant):
+    result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path / "run")), typo, "3"), check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: unrecognized argument {typo}; did you mean {meant}?\n"
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_launcher_suggests_its_own_flags_too_and_names_every_unknown_word(tiny_data, tmp_path):
+    flags = data_flags(tiny_data, str(tmp_path / "run"))
+    result = run_cli([sys.executable, "launch_ddp.py", "--num_gpu", "2", *flags], check=False)
+    assert result.returncode == 2
+    assert result.stderr == "error: unrecognized argument --num_gpu; did you mean --num_gpus?\n"
+    result = run_cli([sys.executable, "launch_ddp.py", *flags, "--lr_rate=0.1", "--zzz"], check=False)
+    assert result.returncode == 2
+    assert result.stderr == ("error: unrecognized arguments --lr_rate (did you mean --learning_rate?), --zzz; "
+                             "see --help for the flags\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--amp_dtype", "fp16"], "argument --amp_dtype: invalid choice: 'fp16' (choose from 'auto', 'float16', "
+                              "'bfloat16')"),
+    (["--mean", "0.5"], "argument --mean: expected 3 arguments"),
+])
+def test_a_bad_flag_value_is_one_line_without_the_usage_text(tiny_data, tmp_path, flags, message):
+    result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path / "run")), *flags), check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {message}\n")
+
+
+def test_help_states_each_default_once():
+    text = " ".join(run_cli(train_cmd("--help")).stdout.split())  # argparse wraps lines at the terminal's width
+    assert "(default: None)" not in text and "(default: False)" not in text
+    # A help text that states its default gets no second one appended; plain defaults are still shown.
+    assert "(default 1; on resume, whatever keeps the checkpoint's global batch) --max_grad_norm" in text
+    assert "number of training epochs (default: 50)" in text and "(default: auto)" in text
+
+
+def test_help_is_answered_before_torch_is_imported():
+    code = ("import runpy, sys; sys.argv = ['train_ddp.py', '--help']\n"
+            "try:\n    runpy.run_path('train_ddp.py', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code == 0 and 'torch' not in sys.modules, sys.modules.keys()\n"
+            "else:\n    raise AssertionError('--help did not exit')")
+    result = run_cli([sys.executable, "-c", code])
+    assert "--gradient_accumulation_steps" in result.stdout
+
+
+# ------------------------------------------------------------------ --num_workers
+
+def test_num_workers_defaults_to_the_cores_each_local_process_has_and_a_given_value_is_kept(tiny_data, tmp_path,
+                                                                                           monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    for processes in (1, 2, 64):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))  # what torchrun tells each of its workers
+        args = parse_args(data_flags(tiny_data, str(tmp_path), num_workers=None))
+        assert args.num_workers == max(1, min(4, cores // processes))
+        assert parse_args(data_flags(tiny_data, str(tmp_path), num_workers=3)).num_workers == 3
+
+
+@pytest.mark.slow
+def test_a_two_process_run_on_two_cores_starts_no_more_workers_than_cores(tiny_data, tmp_path):
+    """torch's DataLoader warns when a process starts more workers than it has cores; the default
+    (4 before) must fit two processes on two cores."""
+    flags = data_flags(tiny_data, str(tmp_path), num_workers=None, model="tiny_cnn", batch_size=2)
+    result = run_cli(["taskset", "-c", "0,1", *torchrun(2, *flags)], env={"OMP_NUM_THREADS": "1"})
+    assert "worker processes in total" not in result.stdout + result.stderr
+    with open(f"{tmp_path}/logs/config.json") as f:
+        assert json.load(f)["num_workers"] == 1

@@ -3,6 +3,7 @@ torch.jit, compared with the checkpoint's PyTorch model on the same preprocessed
 import glob
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -106,3 +107,74 @@ def test_bad_input_is_one_error_line_and_no_file(trained, tmp_path, case):
     assert result.stderr.startswith("error: ") and expected in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == ["notes.txt"]  # no output, no sidecar, no staging folder
+
+
+def assert_refused(result, *words):
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
+def test_the_default_torchscript_output_of_a_checkpoint_named_model_pt_is_refused(trained, tmp_path):
+    """The issue's repro: the default output <name>.pt of model.pt is the checkpoint itself."""
+    shutil.copy(trained["tiny"], tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").read_bytes()
+    result = run_cli(EXPORT + ["--checkpoint", "model.pt", "--format", "torchscript"], cwd=tmp_path, check=False,
+                     timeout=120)
+    assert_refused(result, "model.pt would replace the checkpoint", "--output model-torchscript.pt")
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_an_output_that_is_the_checkpoint_under_another_spelling_is_refused_even_with_overwrite(
+        trained, tmp_path, export_format):
+    os.makedirs(tmp_path / "run")
+    shutil.copy(trained["tiny"], tmp_path / "run" / "model.pth")
+    before = (tmp_path / "run" / "model.pth").read_bytes()
+    for output in ("run/model.pth", f"{tmp_path}/run/../run/model.pth"):
+        result = run_cli(EXPORT + ["--checkpoint", f"{tmp_path}/run/model.pth", "--format", export_format,
+                                   "--output", output, "--overwrite"], cwd=tmp_path, check=False, timeout=120)
+        assert_refused(result, "would replace the checkpoint being exported")
+    assert (tmp_path / "run" / "model.pth").read_bytes() == before
+    assert os.listdir(tmp_path / "run") == ["model.pth"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_exporting_again_replaces_an_earlier_export(trained, tmp_path, export_format):
+    output = str(tmp_path / f"model{export.SUFFIXES[export_format]}")
+    for weights in ("model", "ema"):
+        assert export.main(["--checkpoint", trained["tiny"], "--format", export_format, "--output", output,
+                            "--weights", weights]) == 0
+        assert json.loads(open(output + ".json").read())["weights"] == weights
+    assert export.earlier_export(output)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(output), os.path.basename(output) + ".json"])
+
+
+def test_a_file_that_no_export_wrote_is_replaced_only_with_overwrite(trained, tmp_path, capsys):
+    notes, output = tmp_path / "notes.onnx", str(tmp_path / "notes.onnx")
+    notes.write_text("my notes")
+    flags = ["--checkpoint", trained["tiny"], "--format", "onnx", "--output", output]
+    assert export.main(flags) == 2
+    assert capsys.readouterr().err == (f"error: {output} exists and is not an earlier export; pass --overwrite to "
+                                       "replace it, or give another --output\n")
+    assert notes.read_text() == "my notes" and os.listdir(tmp_path) == ["notes.onnx"]
+    assert export.main(flags + ["--overwrite"]) == 0
+    assert onnxruntime.InferenceSession(output, providers=["CPUExecutionProvider"]).get_inputs()[0].name == "images"
+
+
+def test_a_training_checkpoint_beside_a_stale_export_sidecar_or_a_foreign_sidecar_is_not_replaced(trained, tmp_path):
+    """The sidecar alone does not make a file an export: the file itself must be one."""
+    assert export.main(["--checkpoint", trained["tiny"], "--format", "torchscript",
+                        "--output", str(tmp_path / "old.pt")]) == 0
+    shutil.copy(trained["resnet"], tmp_path / "other_run.pt")  # another run's checkpoint, not the one exported
+    shutil.copy(tmp_path / "old.pt.json", tmp_path / "other_run.pt.json")
+    (tmp_path / "new.onnx.json").write_text('{"my": "settings"}')  # a user's own file where the sidecar goes
+    for output in ("other_run.pt", "new.onnx"):
+        before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+        export_format = "torchscript" if output.endswith(".pt") else "onnx"
+        result = run_cli(EXPORT + ["--checkpoint", trained["tiny"], "--format", export_format,
+                                   "--output", str(tmp_path / output)], check=False, timeout=120)
+        assert_refused(result, "is not an earlier export", "--overwrite")
+        assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CLASSES, REPO, data_flags, run_cli, train_cmd
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from errors import DataError
-from folders import check_data_folders, find_files
-from conftest import CLASSES, REPO, data_flags, run_cli, train_cmd
+from folders import IMAGE_EXTENSIONS, check_data_folders, find_files, has_files, refuse_empty_classes
 
 
 def test_check_data_folders_returns_the_sorted_class_names(tiny_data):
@@ -50,6 +50,21 @@ def test_a_class_folder_linking_to_itself_is_one_data_error(tiny_data):
     with pytest.raises(DataError, match=re.escape(f"train folder entry {loop} cannot be followed (Too many "
                                                   "levels of symbolic links); fix or remove it")):
         check_data_folders(tiny_data["train_dir"], tiny_data["val_dir"])
+
+
+def test_the_launchers_image_extensions_are_torchvisions():
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS
+
+
+def test_a_class_folder_without_images_is_refused_with_the_workers_message(tiny_data):
+    train = tiny_data["train_dir"]
+    refuse_empty_classes(train, list(CLASSES))
+    for image in os.listdir(f"{train}/square"):
+        os.remove(f"{train}/square/{image}")
+    write_files(Path(train) / "square", ["notes.txt", ".hidden.png", "sub/readme.md"])
+    with pytest.raises(DataError, match=re.escape(f"no image files in the class folder(s) square of {train} "
+                                                  f"(supported extensions: {', '.join(IMG_EXTENSIONS)})")):
+        refuse_empty_classes(train, list(CLASSES))
 
 
 # ------------------------------------------------------------------ find_files: the one folder walk
@@ -111,6 +126,22 @@ def test_hidden_entries_are_skipped_and_what_is_not_a_file_is_named(tmp_path):
     assert warnings == [f"skipping {folder / 'gone.png'}: a link that cannot be followed (No such file or directory)",
                         f"skipping {folder / 'pipe.png'}: a FIFO (named pipe), not a regular file",
                         f"skipping {folder / 'self'}: Too many levels of symbolic links"]
+
+
+def test_has_files_agrees_with_find_files_on_what_counts_as_an_image(tmp_path):
+    cases = {"plain": ["a.png"], "nested": ["sub/deeper/a.JPG"], "other files": ["a.txt", "b.png.bak"],
+             "hidden only": [".a.png", ".ipynb_checkpoints/a.png"], "nothing": []}
+    for name, files in cases.items():
+        write_files(tmp_path / name, files)
+        (tmp_path / name).mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / "nothing" / "pipe.png")
+    os.symlink(".", tmp_path / "nothing" / "loop")
+    os.symlink("nowhere.png", tmp_path / "nothing" / "gone.png")
+    os.symlink(tmp_path / "nested", tmp_path / "other files" / "link")  # images behind a link count
+    for name in cases:
+        assert has_files(str(tmp_path / name), IMG_EXTENSIONS) == bool(find_files(str(tmp_path / name),
+                                                                                  IMG_EXTENSIONS)[0]), name
+    assert [has_files(str(tmp_path / name), IMG_EXTENSIONS) for name in cases] == [True, True, True, False, False]
 
 
 def test_training_skips_loops_fifos_and_hidden_files_with_one_warning_each(tiny_data, tmp_path):

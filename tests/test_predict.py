@@ -5,11 +5,13 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import predict
+from checkpoint import checkpoint_preprocessing
 from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from dataset import AugmentedImageFolder, normalize
 from model import build_model
@@ -104,6 +106,20 @@ def test_resnet18_checkpoint(trained, tmp_path):
     expected = validation_probabilities(trained["resnet"], trained["val_dir"])[image]
     assert len(pred["predictions"]) == 1
     assert pred["predictions"][0]["probability"] == pytest.approx(max(expected), abs=1e-6)
+
+
+def test_a_16_bit_png_is_predicted_as_its_8_bit_high_bytes_not_as_white(trained, tmp_path):
+    noise = np.random.default_rng(0).normal(0, 2500, (40, 50))
+    values = np.clip(126 * 257 + noise, 0, 65535).astype(np.uint16)  # mean level 126 of 255
+    Image.fromarray(values).save(tmp_path / "wide.png")  # PIL mode I;16
+    Image.fromarray((values >> 8).astype(np.uint8)).save(tmp_path / "narrow.png")
+    preprocessing = checkpoint_preprocessing(torch.load(trained["tiny"]))
+    pixels = predict.ImageFiles([str(tmp_path / "wide.png")], preprocessing)[0][1]
+    assert abs(pixels.float().mean().item() - 126) < 1.5 and (pixels == 255).float().mean() < 0.01
+    out = tmp_path / "preds.json"
+    run_predict("--checkpoint", trained["tiny"], tmp_path / "wide.png", tmp_path / "narrow.png", "--output", out)
+    wide, narrow = json.loads(out.read_text())
+    assert wide["predictions"] == narrow["predictions"]
 
 
 def test_ema_weights_are_offered_only_by_checkpoints_that_have_them(trained, tmp_path, capsys):

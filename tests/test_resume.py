@@ -134,6 +134,22 @@ def test_a_checkpoint_from_before_the_counter_based_crops_resumes_with_a_note(ti
     assert torch.load(path)["crop_generator"] == "counter-v1"
 
 
+@pytest.mark.parametrize("trained_with", ["auto", "float16"])  # float16: also what older checkpoints hold
+def test_a_resumed_amp_run_keeps_the_dtype_it_trained_with(tiny_data_module, tmp_path, capsys, trained_with):
+    out = str(tmp_path / "run")
+    run_cli(train_cmd(*data_flags(tiny_data_module, out, model="tiny_cnn", use_amp=True, amp_dtype=trained_with,
+                                  limit_train_batches=2)))
+    trained = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["config"]
+    assert trained["amp_dtype"] != "auto" or not trained["use_amp"]  # the checkpoint holds what ran
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, use_amp=True,
+                                         limit_train_batches=2)
+    assert code == 0 and "Epoch 2/2 |" in printed
+    assert "--amp_dtype" not in printed.split("Resumed from")[1].splitlines()[0]  # nothing changed
+    resumed = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert (resumed["config"]["use_amp"], resumed["config"]["amp_dtype"]) == (trained["use_amp"], trained["amp_dtype"])
+    assert ("scale" in resumed["scaler_state_dict"]) == (trained["amp_dtype"] == "float16")
+
+
 def test_another_global_batch_is_refused_naming_the_batch_sizes_that_keep_it(tiny_data_module, finished_run,
                                                                             tmp_path, capsys):
     out = copy_run(finished_run, str(tmp_path / "run"))  # trained with 4 x 1 process x 1

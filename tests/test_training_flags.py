@@ -21,8 +21,10 @@ from config import build_parser
 from conftest import (CLASSES, assert_same_weights, data_flags, load_weights, make_tiny_data, read_wandb_records,
                       run_cli, torchrun, train_cmd)
 from dataset import AugmentedImageFolder, normalize
+from distributed import DistContext
 from model import build_model
 from test_recipe import closed_form_lr
+from training import build_training, cpu_has_native_bfloat16, resolve_amp
 
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4
 # On a 2-core machine torch's default intra-op threads fight over the cores (a tiny_cnn step then
@@ -225,6 +227,52 @@ def test_sync_bn_on_cpu_prints_its_note_and_trains_plain_batch_norm(shared_data,
     build_model("resnet18", len(CLASSES)).load_state_dict(weights, strict=True)
     assert int(weights["bn1.num_batches_tracked"]) == 2  # batch norm ran in training mode on both batches
     assert math.isfinite(history_of(out)["train_loss"][0])
+
+
+# ------------------------------------------------------------------ 5b. AMP on a CPU
+
+def cpu_amp_choice():
+    """What --use_amp must run on this CPU: bfloat16 with native bfloat16 instructions, else float32."""
+    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def test_use_amp_on_a_cpu_never_runs_float16_and_says_what_it_runs(shared_data, tmp_path):
+    out = str(tmp_path)
+    result = train(shared_data, out, use_amp=True)
+    said = [line for line in result.stdout.splitlines() if line.startswith(("AMP", "Warning"))]
+    saved = latest(out)
+    assert "scale" not in saved["scaler_state_dict"]  # no float16 GradScaler ran
+    if cpu_amp_choice() == torch.bfloat16:
+        assert said == ["AMP: bfloat16 autocast (this CPU has native bfloat16 instructions; float16 autocast is "
+                        "many times slower than float32 on a CPU)"]
+        assert (saved["config"]["use_amp"], saved["config"]["amp_dtype"]) == (True, "bfloat16")
+    else:
+        assert len(said) == 1 and said[0].startswith("AMP: full precision (float32) on this CPU")
+        assert saved["config"]["use_amp"] is False
+
+
+def test_the_amp_choice_is_the_training_s_own_and_gpus_keep_float16(shared_data, tmp_path, capsys):
+    cpu = DistContext(0, 0, 1, torch.device("cpu"))
+    args = train_ddp.parse_args(data_flags(shared_data, str(tmp_path), model="tiny_cnn", use_amp=True,
+                                           gradient_accumulation_steps=1))
+    training = build_training(args, cpu, len(CLASSES), STEPS_PER_EPOCH)
+    assert training.amp_dtype == cpu_amp_choice() and not training.scaler.is_enabled()
+    assert len(capsys.readouterr().out.splitlines()) == 1  # the one line that says so
+    gpu_args = train_ddp.parse_args(data_flags(shared_data, str(tmp_path), use_amp=True))
+    assert resolve_amp(gpu_args, DistContext(0, 0, 1, torch.device("cuda", 0))) == torch.float16
+    assert gpu_args.amp_dtype == "float16" and capsys.readouterr().out == ""
+    no_amp = train_ddp.parse_args(data_flags(shared_data, str(tmp_path)))
+    assert resolve_amp(no_amp, cpu) == torch.float32 and no_amp.amp_dtype == "auto"
+
+
+def test_float16_asked_on_a_cpu_is_honoured_with_one_line_on_its_cost(shared_data, tmp_path):
+    out = str(tmp_path)
+    result = train(shared_data, out, use_amp=True, amp_dtype="float16", limit_train_batches=2)
+    said = [line for line in result.stdout.splitlines() if line.startswith(("AMP", "Warning"))]
+    assert said == ["Warning: float16 autocast on a CPU runs 10-20x slower than float32 (ResNet-18); --amp_dtype "
+                    "bfloat16 on a CPU with native bfloat16, or no --use_amp, avoids that"]
+    saved = latest(out)
+    assert saved["scaler_state_dict"]["scale"] > 0 and saved["config"]["amp_dtype"] == "float16"
 
 
 # ------------------------------------------------------------------ 6. debugging flags
