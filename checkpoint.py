@@ -7,6 +7,7 @@ bool, None, list or dict, so `torch.load(path)` works under PyTorch's default `w
 import os
 import pickle
 import shutil
+import time
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -309,3 +310,54 @@ def write_checkpoints(checkpoint, directory, names):
     save_checkpoint(checkpoint, first)
     for name in names[1:]:
         copy_checkpoint(first, os.path.join(directory, name))
+
+
+PREVIOUS_RUNS = "previous"  # the folder, in --checkpoint_dir and --log_dir, that earlier runs' files move into
+LOG_FILES = ("config.json", "training_history.json", "best_per_class.json", "sample_trace", "tensorboard")
+
+
+def run_files(checkpoint_dir, log_dir):
+    """{folder: names} of what a run leaves in its two folders: checkpoint_dir's checkpoint_* (the
+    checkpoints, exports of them and their .json sidecars) and log_dir's LOG_FILES. wandb keeps each
+    run in a folder of its own, so log_dir/wandb stays."""
+    found = {}
+    for directory, is_run_file in ((checkpoint_dir, lambda name: name.startswith("checkpoint_")),
+                                   (log_dir, lambda name: name in LOG_FILES)):
+        try:
+            names = {name for name in os.listdir(directory) if is_run_file(name)}
+        except FileNotFoundError:
+            continue
+        if names:
+            found.setdefault(os.path.realpath(directory), (directory, set()))[1].update(names)
+    return {directory: sorted(names) for directory, names in found.values()}
+
+
+def set_aside_previous_run(checkpoint_dir, log_dir):
+    """Move the files of the run before this one (run_files) into previous/<when it ended>/ of each
+    folder, the same name in both. Every file is renamed, so at every moment it is whole in one
+    place or the other. Returns {old path: new path}, empty when there was nothing to move."""
+    found = run_files(checkpoint_dir, log_dir)
+    if not found:
+        return {}
+    ended = max(os.stat(os.path.join(directory, name)).st_mtime for directory, names in found.items()
+                for name in names)
+    stamp = name = time.strftime("%Y%m%d-%H%M%S", time.localtime(ended))
+    copies = 1
+    while any(os.path.lexists(os.path.join(directory, PREVIOUS_RUNS, name)) for directory in found):
+        copies += 1  # two runs that ended in the same second
+        name = f"{stamp}-{copies}"
+    moved = {}
+    for directory, names in found.items():
+        target = os.path.join(directory, PREVIOUS_RUNS, name)
+        try:
+            os.makedirs(target)
+            for entry in names:
+                os.rename(os.path.join(directory, entry), os.path.join(target, entry))
+                moved[os.path.join(directory, entry)] = os.path.join(target, entry)
+        except OSError as exc:
+            raise CheckpointError(f"cannot move the previous run's files in {directory}/ aside to {target}/ "
+                                  f"({exc.strerror or exc}); move or delete them yourself, or pick another "
+                                  "--checkpoint_dir and --log_dir") from None
+        fsync_directory(target)
+        fsync_directory(directory)
+    return moved

@@ -230,8 +230,10 @@ def add_output_flags(output):
     output.add_argument("--save_top_k", type=int, default=0,
                         help="also keep the K best checkpoints by --monitor_metric as checkpoint_epochNNN.pth")
     output.add_argument("--checkpoint_dir", default="checkpoints",
-                        help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here")
-    output.add_argument("--log_dir", default="logs", help="training_history.json goes here")
+                        help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here; a new run first moves an "
+                             "earlier run's checkpoint_* files to previous/<when it ended>/")
+    output.add_argument("--log_dir", default="logs", help="training_history.json and config.json go here (an earlier run's logs move to "
+                             "previous/<when it ended>/)")
     output.add_argument("--resume", default=None, metavar="PATH", help="continue training from this checkpoint")
     output.add_argument("--reset_optimizer", action="store_true",
                         help="on resume, start the optimizer's state afresh (needed to change --optimizer)")
@@ -248,7 +250,7 @@ def add_output_flags(output):
                         help="also write checkpoint_latest.pth every N optimizer steps (0: once per epoch); "
                              "a resume continues at the exact next batch")
     output.add_argument("--log_every_steps", type=int, default=10,
-                        help="every N optimizer steps: progress-bar and logger metrics (a host sync on rank 0); "
+                        help="every N optimizer steps (and at each epoch's first step, on the bar): progress-bar and logger metrics (a host sync on rank 0); "
                              "stop decisions (signals, non-finite streak) have their own cadence, about every "
                              "0.25 s of training")
     output.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (rank 0)")

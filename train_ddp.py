@@ -15,17 +15,21 @@ import sys
 import time
 from contextlib import nullcontext
 
+from config import parse_args, print_help_if_asked
+
+if __name__ == "__main__":
+    print_help_if_asked(sys.argv[1:])  # before torch loads, which takes seconds
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 from tqdm import tqdm
 
-from checkpoint import (RunState, check_resumable, load_checkpoint, remove_quietly, rng_state, top_k_filename,
-                        unwrap, write_checkpoints)
-from config import parse_args
-from distributed import (Stopped, StopRequest, broadcast_buffers, gather_from_ranks, is_peer_loss, main_print,
-                         report_to_torchrun, setup_distributed, teardown_distributed)
-from errors import USER_ERRORS, ConfigError, TrainingError
+from checkpoint import (RunState, check_resumable, load_checkpoint, remove_quietly, rng_state, set_aside_previous_run,
+                        top_k_filename, unwrap, write_checkpoints)
+from distributed import (Stopped, StopRequest, broadcast_buffers, broadcast_object, gather_from_ranks, is_peer_loss,
+                         main_print, report_to_torchrun, setup_distributed, teardown_distributed)
+from errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError
 from metrics import EpochSums, class_report, evaluate, evaluate_classes, to_model_input
 from resume import plan_resume, restart_parts
 from training import build_data, build_training, enter_epoch
@@ -73,6 +77,7 @@ def train(args, ctx, stop):
     resume_path, checkpoint = find_checkpoint_to_resume(args, data.class_names)
     reset, changes = plan_resume(checkpoint, resume_path, args, ctx.world_size) if checkpoint else (set(), [])
     args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
+    start_afresh(args, ctx, resume_path)
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop,
                               resuming=checkpoint is not None)
     state = RunState.restore(checkpoint, training, ctx.rank, reset) if checkpoint else RunState()
@@ -80,8 +85,6 @@ def train(args, ctx, stop):
         restart_parts(training, state, reset, args)
         main_print(ctx, describe_resume(resume_path, state, changes))
     state.global_batch = args.batch_size * ctx.world_size * args.gradient_accumulation_steps
-    if not args.fast_dev_run and ctx.is_main:
-        write_json_atomic(os.path.join(args.log_dir, "config.json"), vars(args))
     main_print(ctx, describe_setup(data, training, args, ctx))
     if args.num_sanity_val_steps and state.epoch == 0 and state.step == 0:
         evaluate(unwrap(training.model), data.val_loader, data.val_size, training, args, ctx,
@@ -136,6 +139,39 @@ def find_checkpoint_to_resume(args, class_names):
     return path, checkpoint
 
 
+def start_afresh(args, ctx, resume_path):
+    """A new run does not write over the results of the run before it: their files in --checkpoint_dir
+    and --log_dir (checkpoints, exports of them, history, config) move to previous/<when it ended>/
+    there, before this run writes anything, and one line says where. Nothing moves when this run
+    continues the one in checkpoint_dir (resumes from there), in a torchrun restart (those files are
+    this job's own: its first attempt moved the others aside) or with --fast_dev_run (writes nothing)."""
+    continuing = resume_path is not None and (os.path.realpath(os.path.dirname(os.path.abspath(resume_path)))
+                                              == os.path.realpath(args.checkpoint_dir))
+    if continuing or args.fast_dev_run or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+        return
+    moved, error = {}, None
+    if ctx.is_main:
+        try:
+            moved = set_aside_previous_run(args.checkpoint_dir, args.log_dir)
+        except CheckpointError as exc:
+            error = str(exc)
+    moved, error = broadcast_object((moved, error))  # no rank writes into the folders before the move
+    if error:
+        raise CheckpointError(error)
+    if not moved:
+        return
+    places = " and ".join(sorted({os.path.dirname(new) + "/" for new in moved.values()}))
+    note = f"Note: this is a new run, so the previous run's files moved to {places}"
+    latest = moved.get(os.path.join(args.checkpoint_dir, "checkpoint_latest.pth"))
+    if latest:
+        note += f" (to continue that run instead: --resume {latest})"
+    relocated = {os.path.abspath(old): new for old, new in moved.items()}
+    if args.pretrained_weights and os.path.abspath(args.pretrained_weights) in relocated:
+        args.pretrained_weights = relocated[os.path.abspath(args.pretrained_weights)]  # read them where they went
+        note += f"; --pretrained_weights now reads {args.pretrained_weights}"
+    main_print(ctx, note)
+
+
 def train_one_epoch(training, data, epoch, state, args, ctx):
     """One pass over this rank's share of the epoch's global sample sequence, from position
     `state.samples_done` on (a mid-epoch resume, possibly on another layout: sampling.py).
@@ -158,6 +194,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
     params = [p for group in training.optimizer.param_groups for p in group["params"]]
     training.optimizer.zero_grad(set_to_none=True)
     start, sums.seen_before = time.perf_counter(), sums.seen.item()
+    shown = False  # whether the bar shows this epoch's loss yet
     for i, (images, labels, indices, skipped) in enumerate(data.train_loader, start=batches_done):
         group_start = i - i % accumulation
         group_size = min(accumulation, num_batches - group_start)  # the last group may be short
@@ -175,8 +212,11 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
         last = state.samples_done == state.epoch_samples
         if trace:
             trace.write(epoch, update)
-        if ctx.is_main and (update % args.log_every_steps == 0 or last):
-            log_step(training.logger, progress, loss, grad_norm, sums, global_step)
+        logged = update % args.log_every_steps == 0 or last
+        if ctx.is_main and (logged or not shown):  # the bar shows the loss from the epoch's first step on
+            log_step(training.logger if logged else None, progress, loss, grad_norm, sums, global_step,
+                     refresh=not shown)
+            shown = True
         if training.checks.due(global_step, last) and stop_now(training, sums, epoch, update, args, ctx):
             save(training, state, data, ["checkpoint_latest.pth"], args, ctx, sums)
             progress.close()
@@ -239,14 +279,17 @@ def step_skipping_nonfinite(optimizer, scaler, nonfinite):
         del optimizer.found_inf
 
 
-def log_step(logger, progress, loss, grad_norm, sums, global_step):
-    """Rank 0 at a log point: the step's metrics to the loggers and the progress bar (host syncs)."""
+def log_step(logger, progress, loss, grad_norm, sums, global_step, refresh=False):
+    """Rank 0 at a log point: the step's metrics to the loggers (None: the progress bar only) and the
+    progress bar (host syncs); `refresh` redraws the bar now rather than at its next update."""
     metrics = {"train/loss": loss.item(), "train/learning_rate": sums.learning_rate.item(),
                "train/grad_norm": grad_norm.item()}
-    logger.log(metrics, step=global_step)
-    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{100 * sums.correct.item() / sums.seen.item():.1f}%",
+    if logger is not None:
+        logger.log(metrics, step=global_step)
+    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                         acc=f"{100 * sums.correct.item() / sums.seen.item():.1f}%",
                          lr=f"{metrics['train/learning_rate']:.2e}", grad_norm=f"{metrics['train/grad_norm']:.3f}",
-                         refresh=False)
+                         refresh=refresh)
 
 
 def stop_now(training, sums, epoch, update, args, ctx):
@@ -290,6 +333,8 @@ def save(training, state, data, names, args, ctx, sums=None):
     if ctx.is_main and not args.fast_dev_run:
         checkpoint = state.to_checkpoint(training, data.class_names, vars(args), rngs, partials)
         write_checkpoints(checkpoint, args.checkpoint_dir, names)
+        # beside every checkpoint, not at the start: a run that fails before its first one leaves no file
+        write_json_atomic(os.path.join(args.log_dir, "config.json"), vars(args))
 
 
 def finish_epoch_files(state, names, dropped_top_k, confusion, class_names, args, ctx):
@@ -338,8 +383,9 @@ def describe_epoch(record, state, args):
     if "ema_val_acc" in record:
         top5 = f", top-5 {record['ema_val_acc5']:.2f}%" if "ema_val_acc5" in record else ""
         line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%{top5}) "
-    line += (f"| best {args.monitor_metric} {state.best_metric:.4g} | lr {record['learning_rate']:.2e} | "
-             f"{record['epoch_seconds']:.1f} s, {record['samples_per_second']:.0f} img/s")
+    line += (f"| best {args.monitor_metric} {monitored_value(state.best_metric, args)} | lr "
+             f"{record['learning_rate']:.2e} | {record['epoch_seconds']:.1f} s, {record['samples_per_second']:.0f} "
+             "img/s")
     if record["nonfinite_steps"]:
         line += f" | {record['nonfinite_steps']} non-finite steps skipped"
     if record["skipped_images"]:
@@ -353,9 +399,14 @@ def describe_end(state, exit_code, seconds, args):
         return f"fast_dev_run passed in {took}: one train and one val batch ran; no files written."
     if state.best_metric is None or exit_code != 0:
         return None
-    return (f"Done in {took}: best {args.monitor_metric} {state.best_metric:.4g} at epoch {state.best_epoch} "
-            f"(best val acc {state.best_acc:.2f}%); checkpoints in {args.checkpoint_dir}/, history and config in "
-            f"{args.log_dir}/")
+    best = f"best {args.monitor_metric} {monitored_value(state.best_metric, args)} at epoch {state.best_epoch}"
+    if args.monitor_metric != "val_acc":
+        best += f" (best val acc {state.best_acc:.2f}%)"
+    return f"Done in {took}: {best}; checkpoints in {args.checkpoint_dir}/, history and config in {args.log_dir}/"
+
+
+def monitored_value(value, args):
+    return f"{value:.2f}%" if args.monitor_metric == "val_acc" else f"{value:.4g}"
 
 
 if __name__ == "__main__":

@@ -43,9 +43,21 @@ def append_history(history, record):
 
 def plot_history(history, output):
     """Loss, accuracy, learning rate and throughput per epoch, as a PNG (no display needed)."""
+    import matplotlib.pyplot as plt
+
+    fig = history_figure(history)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def history_figure(history):
+    """The figure plot_history saves. Epochs are whole numbers on the x axes; the loss axis is
+    logarithmic, so a large first-epoch loss does not flatten the later ones; the throughput axis
+    starts at 0, so run-to-run noise of a few percent does not look like a swing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = history["epoch"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -63,11 +75,30 @@ def plot_history(history, output):
             ax.plot(epochs[len(epochs) - len(values):], values, marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if epochs:  # half an epoch either side: a one-epoch run gets its one tick too
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.grid(alpha=0.3)
         ax.legend()
+    axes[0, 0].set_yscale("log")
+    label_in_plain_numbers(axes[0, 0].yaxis)
+    fastest = max(history["samples_per_second"], default=0)
+    axes[1, 1].set_ylim(0, 1.1 * fastest if fastest > 0 else None)
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def label_in_plain_numbers(log_axis):
+    """A log axis labelled 0.5, 2, 30 rather than 5x10^-1, 2x10^0, 3x10^1, on the ticks matplotlib
+    labels; within two decades some ticks between the powers of ten are labelled too."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainNumbers(LogFormatterSciNotation):
+        def __call__(self, value, position=None):
+            return f"{value:g}" if super().__call__(value, position) else ""
+
+    log_axis.set_major_formatter(PlainNumbers())
+    log_axis.set_minor_formatter(PlainNumbers(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def read_confusion(path):

@@ -3,6 +3,7 @@ unwrap, resume checks, and the epoch-level decisions (best, early stopping, top-
 import os
 import re
 import stat
+import time
 
 from types import SimpleNamespace
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from checkpoint import (EMA_SCHEMA, REQUIRED_KEYS, SCHEMA, CheckpointError, RunState, check_resumable, is_improvement,
-                        load_checkpoint, rng_state, save_checkpoint, strip_wrapper_prefixes, top_k_filename, unwrap,
-                        update_top_k)
+                        load_checkpoint, rng_state, save_checkpoint, set_aside_previous_run, strip_wrapper_prefixes,
+                        top_k_filename, unwrap, update_top_k)
 from model import TinyCNN
 from utils import HISTORY_KEYS
 
@@ -388,3 +389,68 @@ def test_a_save_syncs_the_file_then_its_directory_so_the_rename_survives_a_power
     monkeypatch.setattr(os, "fsync", recording_fsync)
     save_checkpoint(make_state(), str(tmp_path / "checkpoint_latest.pth"))
     assert synced == ["file", "directory"]
+
+
+# ------------------------------------------------------------------ a new run sets the previous one aside
+
+def write_previous_run(checkpoints, logs, ended="2024-05-06 07:08:09"):
+    """A finished run's files, an export of its best checkpoint among them, all last written at `ended`;
+    and files that are not the run's (a note of the user's, wandb's own run folder)."""
+    files = {f"{checkpoints}/checkpoint_best.pth": b"best", f"{checkpoints}/checkpoint_latest.pth": b"latest",
+             f"{checkpoints}/checkpoint_epoch002.pth": b"top-k", f"{checkpoints}/checkpoint_best.onnx": b"onnx",
+             f"{checkpoints}/checkpoint_best.onnx.json": b"{}", f"{logs}/training_history.json": b"{}",
+             f"{logs}/config.json": b"{}", f"{logs}/best_per_class.json": b"{}",
+             f"{logs}/tensorboard/events.out.tfevents.1": b"events", f"{logs}/sample_trace/rank0.jsonl": b"",
+             f"{checkpoints}/notes.txt": b"mine", f"{logs}/wandb/run-1/run-1.wandb": b"wandb"}
+    stamp = time.mktime(time.strptime(ended, "%Y-%m-%d %H:%M:%S"))
+    for path, content in files.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+    for path in files:
+        for written in (path, os.path.dirname(path)):  # the folders too: tensorboard/ is one of the run's
+            os.utime(written, (stamp, stamp))
+    return files
+
+
+def test_a_previous_run_moves_whole_into_previous_named_after_when_it_ended(tmp_path):
+    checkpoints, logs = str(tmp_path / "checkpoints"), str(tmp_path / "logs")
+    files = write_previous_run(checkpoints, logs)
+    moved = set_aside_previous_run(checkpoints, logs)
+    kept = {f"{checkpoints}/notes.txt", f"{logs}/wandb/run-1/run-1.wandb"}  # not the run's: they stay
+    for path, content in files.items():
+        folder, name = os.path.relpath(path, tmp_path).split(os.sep, 1)
+        where = path if path in kept else f"{tmp_path}/{folder}/previous/20240506-070809/{name}"
+        assert open(where, "rb").read() == content, path
+    assert sorted(os.listdir(checkpoints)) == ["notes.txt", "previous"]
+    assert sorted(os.listdir(logs)) == ["previous", "wandb"]
+    assert moved[f"{checkpoints}/checkpoint_best.pth"] == f"{checkpoints}/previous/20240506-070809/checkpoint_best.pth"
+    assert moved[f"{logs}/tensorboard"] == f"{logs}/previous/20240506-070809/tensorboard"
+    assert len(moved) == 10
+
+
+def test_runs_that_ended_in_the_same_second_get_their_own_folders_and_one_folder_serves_both_dirs(tmp_path):
+    out = str(tmp_path / "out")  # --checkpoint_dir and --log_dir the same folder
+    write_previous_run(out, out)
+    set_aside_previous_run(out, out)
+    write_previous_run(out, out)
+    moved = set_aside_previous_run(out, out)
+    assert sorted(os.listdir(f"{out}/previous")) == ["20240506-070809", "20240506-070809-2"]
+    assert set(moved.values()) == {f"{out}/previous/20240506-070809-2/{name}" for name in os.listdir(
+        f"{out}/previous/20240506-070809-2")}
+    assert set_aside_previous_run(out, out) == {}  # nothing of a run left to move
+    assert set_aside_previous_run(str(tmp_path / "none"), str(tmp_path / "none")) == {}
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_previous_run_that_cannot_be_moved_is_one_clear_error_and_stays(tmp_path):
+    checkpoints, logs = str(tmp_path / "checkpoints"), str(tmp_path / "logs")
+    files = write_previous_run(checkpoints, logs)
+    with open(f"{checkpoints}/previous", "w") as f:  # a file where the folder should go
+        f.write("in the way")
+    with pytest.raises(CheckpointError) as caught:
+        set_aside_previous_run(checkpoints, logs)
+    assert str(caught.value).startswith(f"cannot move the previous run's files in {checkpoints}/ aside to "
+                                        f"{checkpoints}/previous/20240506-070809/ (")
+    assert "move or delete them yourself, or pick another --checkpoint_dir and --log_dir" in str(caught.value)
+    assert all(open(path, "rb").read() == content for path, content in files.items())

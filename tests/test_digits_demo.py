@@ -7,9 +7,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import REPO, train_cmd
+from conftest import REPO, make_tiny_data, run_cli, train_cmd
 from dataset import AugmentedImageFolder, prepare_digits_demo
 
 
@@ -94,3 +95,34 @@ def test_a_signal_while_the_digits_demo_is_written_leaves_nothing_behind(tmp_pat
     assert job.returncode == 128 + signal.SIGTERM, output
     assert output == "Stopped by signal 15 while setting up; nothing was trained or saved.\n"
     assert os.listdir(tmp_path / "data") == [] and not os.path.exists(tmp_path / "run")
+
+
+def class_count(checkpoint_path):
+    return len(torch.load(checkpoint_path)["class_names"])
+
+
+def test_the_demo_then_other_photos_then_the_demo_again_each_keep_the_run_before(tmp_path):
+    # The default --checkpoint_dir and --log_dir, as a newcomer runs them, one run after another.
+    photos = make_tiny_data(str(tmp_path / "photos"))
+    quick = ["--model", "tiny_cnn", "--epochs", "1", "--limit_train_batches", "2", "--limit_val_batches", "1"]
+    runs = [["--demo"],
+            ["--train_dir", photos["train_dir"], "--val_dir", photos["val_dir"], "--image_size", "16",
+             "--batch_size", "4"],
+            ["--demo"]]
+    outputs, bests = [], []
+    for flags in runs:
+        outputs.append(run_cli(train_cmd(*flags, *quick), cwd=str(tmp_path)).stdout)
+        bests.append(open(tmp_path / "checkpoints" / "checkpoint_best.pth", "rb").read())
+    first, second = sorted(os.listdir(tmp_path / "checkpoints" / "previous"))
+    assert sorted(os.listdir(tmp_path / "logs" / "previous")) == [first, second]
+    assert "files moved to" not in outputs[0]
+    for output, moved in zip(outputs[1:], (first, second)):
+        assert (f"Note: this is a new run, so the previous run's files moved to checkpoints/previous/{moved}/ and "
+                f"logs/previous/{moved}/ (to continue that run instead: --resume "
+                f"checkpoints/previous/{moved}/checkpoint_latest.pth)\n") in output
+        assert os.path.isfile(tmp_path / "logs" / "previous" / moved / "training_history.json")
+    for run, moved in enumerate((first, second)):
+        assert open(tmp_path / "checkpoints" / "previous" / moved / "checkpoint_best.pth", "rb").read() == bests[run]
+    assert class_count(tmp_path / "checkpoints" / "previous" / first / "checkpoint_best.pth") == 10  # the demo
+    assert class_count(tmp_path / "checkpoints" / "previous" / second / "checkpoint_best.pth") == 3  # the photos
+    assert class_count(tmp_path / "checkpoints" / "checkpoint_best.pth") == 10  # where the seeds' snippet looks

@@ -1,6 +1,9 @@
 """train_ddp.py: the training loop's guarantees, proven on real runs (1 process and real torchrun)."""
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -8,8 +11,9 @@ import pytest
 import torch
 
 import train_ddp
-from conftest import (assert_same_weights, data_flags, load_weights, run_cli, torchrun,
-                      train_cmd)
+from checkpoint import load_checkpoint
+from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd,
+                      wait_for_checkpoint)
 from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders
 from metrics import evaluate
 from model import build_model
@@ -179,7 +183,8 @@ def test_resume_refuses_other_classes_and_other_models(tiny_data, tmp_path, caps
 
 def test_amp_float16_trains_with_a_grad_scaler_and_saves_its_state(tiny_data, tmp_path):
     out = str(tmp_path / "amp")
-    run_cli(train_cmd(*data_flags(tiny_data, out, model="tiny_cnn", use_amp=True, max_grad_norm=1.0)))
+    run_cli(train_cmd(*data_flags(tiny_data, out, model="tiny_cnn", use_amp=True, amp_dtype="float16",
+                                  max_grad_norm=1.0)))
     latest = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
     assert latest["scaler_state_dict"]["scale"] > 0  # an enabled GradScaler has a scale
     assert latest["config"]["use_amp"] is True
@@ -192,3 +197,117 @@ def test_help_documents_every_flag():
                  "--checkpoint_dir", "--log_dir", "--seed", "--image_size", "--amp_dtype",
                  "--find_unused_parameters", "--distributed", "--demo"):
         assert flag in result.stdout
+
+
+# ------------------------------------------------------------------ runs do not overwrite each other
+
+def only_folder(path):
+    [name] = os.listdir(path)
+    return os.path.join(path, name)
+
+
+def test_a_new_run_moves_the_previous_runs_files_aside_and_says_where(tiny_data, tmp_path, capsys):
+    out = str(tmp_path)
+    run_cli(train_cmd(*data_flags(tiny_data, out, model="tiny_cnn")))
+    run_cli([sys.executable, os.path.join(REPO, "export.py"), "--checkpoint", f"{out}/checkpoints/checkpoint_best.pth",
+             "--format", "torchscript"])
+    first = {name: open(f"{out}/checkpoints/{name}", "rb").read() for name in os.listdir(f"{out}/checkpoints")}
+    assert {"checkpoint_best.pth", "checkpoint_best.pt", "checkpoint_best.pt.json"} <= set(first)
+    first_history = open(f"{out}/logs/training_history.json").read()
+
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn", seed=7)) == 0
+    printed = capsys.readouterr().out
+    moved_checkpoints, moved_logs = only_folder(f"{out}/checkpoints/previous"), only_folder(f"{out}/logs/previous")
+    assert os.path.basename(moved_checkpoints) == os.path.basename(moved_logs)  # one name for the run in both
+    assert (f"Note: this is a new run, so the previous run's files moved to {moved_checkpoints}/ and {moved_logs}/ "
+            f"(to continue that run instead: --resume {moved_checkpoints}/checkpoint_latest.pth)\n") in printed
+    assert {name: open(f"{moved_checkpoints}/{name}", "rb").read() for name in os.listdir(moved_checkpoints)} == first
+    assert load_checkpoint(f"{moved_checkpoints}/checkpoint_best.pth")["config"]["seed"] == 42
+    assert open(f"{moved_logs}/training_history.json").read() == first_history
+    assert sorted(os.listdir(f"{out}/checkpoints")) == ["checkpoint_best.pth", "checkpoint_latest.pth", "previous"]
+    assert torch.load(f"{out}/checkpoints/checkpoint_best.pth")["config"]["seed"] == 7  # the new run's, no stale export
+
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn", seed=7, epochs=2, auto_resume=True)) == 0
+    printed = capsys.readouterr().out
+    assert "Resumed from" in printed and "Note:" not in printed  # --auto_resume continues in place
+    assert os.listdir(f"{out}/checkpoints/previous") == [os.path.basename(moved_checkpoints)]
+    assert torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["history"]["epoch"] == [1, 2]
+
+
+def test_a_new_run_from_the_previous_runs_weights_reads_them_where_they_moved(tiny_data, tmp_path, capsys):
+    out = str(tmp_path)
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn")) == 0
+    best = f"{out}/checkpoints/checkpoint_best.pth"
+    weights = load_weights(best)
+    capsys.readouterr()
+    # resume.py's way out of a refused resume: "start a new run from its weights with --pretrained_weights"
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn", pretrained_weights=best,
+                                     learning_rate=1e-9, lr_scheduler="none")) == 0
+    moved = f"{only_folder(f'{out}/checkpoints/previous')}/checkpoint_best.pth"
+    assert f"; --pretrained_weights now reads {moved}\n" in capsys.readouterr().out
+    assert torch.load(best)["config"]["pretrained_weights"] == moved
+    assert_same_weights(load_weights(best), weights, exact=False, atol=1e-6)  # it started from those weights
+
+
+@pytest.mark.slow
+def test_a_fresh_run_that_torchrun_restarts_keeps_its_own_files(tiny_data, tmp_path):
+    out = str(tmp_path)
+    os.makedirs(f"{out}/checkpoints")
+    with open(f"{out}/checkpoints/checkpoint_best.pth", "wb") as f:
+        f.write(b"an older run's")  # moved aside by the first attempt, once
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "--max_restarts=1", os.path.join(REPO, "train_ddp.py"),
+               *data_flags(tiny_data, out, model="tiny_cnn", epochs=40)]  # no --auto_resume: starts over
+    job = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_checkpoint(f"{out}/checkpoints/checkpoint_latest.pth", lambda checkpoint: checkpoint["epoch"] >= 1)
+    [worker] = subprocess.check_output(["pgrep", "-P", str(job.pid)]).split()
+    os.kill(int(worker), signal.SIGKILL)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, output
+    assert output.count("the previous run's files moved to") == 1, output
+    [older] = os.listdir(f"{out}/checkpoints/previous")
+    assert os.listdir(f"{out}/checkpoints/previous/{older}") == ["checkpoint_best.pth"]
+    assert torch.load(f"{out}/checkpoints/checkpoint_latest.pth")["epoch"] == 40
+
+
+def test_a_fast_dev_run_and_a_failed_start_move_nothing(tiny_data, tmp_path, capsys):
+    out = str(tmp_path)
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn")) == 0
+    before = sorted(os.listdir(f"{out}/checkpoints")), sorted(os.listdir(f"{out}/logs"))
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn", fast_dev_run=True)) == 0
+    assert train_ddp.main(data_flags(tiny_data, out, model="tiny_cnn", batch_size=64)) == 2  # more than the images
+    assert "files moved to" not in capsys.readouterr().out
+    assert (sorted(os.listdir(f"{out}/checkpoints")), sorted(os.listdir(f"{out}/logs"))) == before
+
+
+# ------------------------------------------------------------------ what a run prints and leaves
+
+def test_the_end_line_names_the_best_accuracy_once(tiny_data, tmp_path, capsys):
+    assert train_ddp.main(data_flags(tiny_data, str(tmp_path), model="tiny_cnn", epochs=2)) == 0
+    printed = capsys.readouterr().out
+    history = json.load(open(f"{tmp_path}/logs/training_history.json"))
+    best = max(history["val_acc"])
+    epoch = history["val_acc"].index(best) + 1
+    ending = (rf"^Done in \d+ s: best val_acc {best:.2f}% at epoch {epoch}; checkpoints in {tmp_path}/checkpoints/, "
+              rf"history and config in {tmp_path}/logs/$")
+    assert re.search(ending, printed, re.MULTILINE), printed
+    assert f"| best val_acc {best:.2f}% |" in printed.splitlines()[-2]  # the epoch lines say it the same way
+
+
+def test_an_epoch_shorter_than_log_every_steps_shows_its_loss_on_the_progress_bar(tiny_data, tmp_path, capsys):
+    # 24 images in batches of 4: 6 steps an epoch, fewer than the default --log_every_steps 10
+    assert train_ddp.main(data_flags(tiny_data, str(tmp_path), model="tiny_cnn", epochs=2)) == 0
+    bar = capsys.readouterr().err
+    for epoch in (1, 2):
+        [shown] = re.findall(rf"Epoch {epoch}/2: [^\r]*\| 1/6 \[[^\r]*", bar)  # the bar after the first step
+        assert re.search(r"acc=[\d.]+%, grad_norm=[\d.]+, loss=[\d.]+, lr=", shown), shown
+
+
+def test_an_unreadable_image_in_the_first_epoch_leaves_no_config_json(tiny_data, tmp_path, capsys):
+    bad = f"{tiny_data['train_dir']}/circle/notes.jpg"
+    with open(bad, "w") as f:
+        f.write("a text file named .jpg")
+    assert train_ddp.main(data_flags(tiny_data, str(tmp_path), model="tiny_cnn", num_sanity_val_steps=0)) == 2
+    assert f"error: cannot read image {bad}" in capsys.readouterr().err
+    assert not os.path.exists(f"{tmp_path}/logs") and not os.path.exists(f"{tmp_path}/checkpoints")

@@ -58,6 +58,34 @@ def test_plot_cli_writes_a_png_of_the_curves(tmp_path):
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
 
 
+def visible_ticks(ax):
+    low, high = ax.get_xlim()
+    return [tick for tick in ax.get_xticks() if low <= tick <= high]
+
+
+@pytest.mark.parametrize("epochs, epoch_ticks", [(1, [1]), (3, [1, 2, 3]), (40, list(range(4, 41, 4)))])
+def test_plot_axes_count_whole_epochs_show_loss_on_a_log_scale_and_throughput_from_zero(epochs, epoch_ticks):
+    import matplotlib.pyplot as plt
+
+    history = new_history()
+    for epoch in range(1, epochs + 1):
+        record = dict.fromkeys(HISTORY_KEYS, 0)
+        record.update(epoch=epoch, train_loss=3.0 / epoch, val_loss=31.0 if epoch == 1 else 1.5 / epoch,
+                      train_acc=60.0, val_acc=55.0, learning_rate=1e-3, samples_per_second=5.71 + 0.05 * (epoch % 3))
+        append_history(history, record)
+    figure = utils.history_figure(history)
+    figure.canvas.draw()
+    loss, accuracy, learning_rate, throughput = figure.axes
+    assert [visible_ticks(ax) for ax in figure.axes] == [epoch_ticks] * 4  # no epoch 1.25
+    assert loss.get_yscale() == "log"  # the diverged first epoch does not flatten the others
+    labels = [label.get_text() for label in loss.get_yticklabels() + loss.get_yticklabels(minor=True)]
+    assert "10" in labels and not any("times" in label for label in labels)  # 10, not 1x10^1
+    low, high = loss.get_ylim()
+    assert low <= min(history["train_loss"]) and high >= 31.0
+    assert throughput.get_ylim()[0] == 0 and throughput.get_ylim()[1] >= max(history["samples_per_second"])
+    plt.close(figure)
+
+
 @pytest.mark.parametrize("flag, what", [("--history", "history"), ("--confusion", "confusion matrix")])
 def test_plot_cli_missing_input_exits_2_with_one_error_line(tmp_path, flag, what):
     result = run_cli(plot_cmd(flag, tmp_path / "none.json", "--output", tmp_path / "c.png"),
