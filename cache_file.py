@@ -45,7 +45,7 @@ from dataset import UNREADABLE, open_resized
 from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
 from errors import DataError
 
-FORMAT_VERSION = 2  # 1: headerless files keyed by file sizes and mtimes
+FORMAT_VERSION = 3  # 1: headerless, keyed by file sizes and mtimes; 2: keyed without the crop size, no checksums
 MAGIC = b"IMGCACHE"
 HEADER = struct.Struct("<8sIIQ32s")  # magic, format version, side, image count, dataset key
 HEADER_BYTES = 4096  # the pixels start on a page boundary
@@ -103,13 +103,15 @@ class Team:
                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def describe_cache(dataset, side, cache_dir, quality=None):
-    """The cache of `dataset` at `side` (raw, or compressed at JPEG `quality`: cache_jpeg.py), named
-    by a hash of the format version, the folder and every file's path, label, size, mtime, inode
-    change time and inode: a rewrite that keeps the size and restores the mtime (cp -p, rsync -t)
-    cannot restore the ctime, so it gets a new cache."""
-    compressed = "" if quality is None else f"|jpeg{quality}"  # raw caches keep the names they had
-    digest = hashlib.sha256(f"{FORMAT_VERSION}|{os.path.abspath(dataset.root)}|{side}{compressed}".encode())
+def describe_cache(dataset, image_size, side, cache_dir, quality=None):
+    """The cache of `dataset` stored at `side` for crops of `image_size` (raw, or compressed at JPEG
+    `quality`: cache_jpeg.py), named by a hash of the format version, the folder, both sizes (the
+    stored window depends on the crop size: DecodeForCache) and every file's path, label, size,
+    mtime, inode change time and inode: a rewrite that keeps the size and restores the mtime
+    (cp -p, rsync -t) cannot restore the ctime, so it gets a new cache."""
+    compressed = "" if quality is None else f"|jpeg{quality}"
+    digest = hashlib.sha256(f"{FORMAT_VERSION}|{os.path.abspath(dataset.root)}|{side}|{image_size}{compressed}"
+                            .encode())
     for path, label in dataset.samples:
         try:
             st = os.stat(path)
@@ -280,7 +282,7 @@ class NodeLeader:
             os.posix_fallocate(self.temp_fd, 0, self.spec.nbytes)  # a full disk fails here, not as SIGBUS
         except OSError as exc:
             self.close()  # first, so the free space reported does not count a partial reservation
-            raise DataError(no_room(self.spec, exc)) from None
+            raise DataError(no_room(os.path.dirname(self.spec.path), self.spec.nbytes, exc)) from None
         self.building = True
         return True
 
@@ -309,13 +311,23 @@ class NodeLeader:
             self.lock_fd = None
 
 
-def no_room(spec, exc):
-    directory, needed = os.path.dirname(spec.path), spec.nbytes / 2**30
+def no_room(directory, needed, exc, about=""):
+    """The message for a cache of `needed` bytes that `directory` could not take (`exc`); call it
+    once this build's own files are gone, so the free space it reports is what a new run gets."""
     if exc.errno == errno.ENOSPC:
-        free = shutil.disk_usage(directory).free / 2**30
-        return (f"the image cache needs {needed:.2f} GiB but {directory} has {free:.2f} GiB free; free space "
-                "or pass another --cache_images DIR")
-    return f"cannot reserve {needed:.2f} GiB for the image cache in {directory} ({exc.strerror})"
+        return (f"the image cache needs {about}{size_text(needed)} but {directory} has "
+                f"{size_text(shutil.disk_usage(directory).free)} free; free space or pass another --cache_images DIR")
+    limit = " or raise the file size limit (ulimit -f)" if exc.errno == errno.EFBIG else ""
+    return (f"cannot write the image cache in {directory} ({exc.strerror}); it needs {about}{size_text(needed)}: "
+            f"pass another --cache_images DIR{limit}")
+
+
+def size_text(nbytes):
+    for unit in ("bytes", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"
 
 
 class SliceDecoder:
@@ -339,8 +351,9 @@ class SliceDecoder:
                 if time.monotonic() > deadline:
                     return False
             self.images.flush()
-        except BaseException:
-            self.close()  # a stop signal or an unreadable image: the workers exit now, not at the end of the run
+        except BaseException as exc:
+            stay_stopped(exc)
+            self.abandon()  # a stop signal or an unreadable image: the workers exit now, not at the end of the run
             raise
         self.close()
         return True
@@ -352,6 +365,9 @@ class SliceDecoder:
 
     def close(self):
         self.images = self.decoded = None
+
+    def abandon(self):  # a failed build: the leader removes the temporary file this wrote into
+        self.close()
 
     def result(self):  # the raw cache needs nothing more from its builders (cache_jpeg's do)
         return None
@@ -380,7 +396,21 @@ def stop_signals_deferred():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for signum in received[:1]:
-            signal.raise_signal(signum)
+            try:
+                signal.raise_signal(signum)
+            except BaseException as exc:  # before the unwinding frees the new DataLoader iterator
+                stay_stopped(exc)
+                raise
+
+
+def stay_stopped(exc):
+    """Once a stop signal is ending the run (distributed.Stopped), a second SIGINT/SIGTERM, which GNU
+    timeout or a forwarding wrapper sends right after the first, is ignored: raised again, it would
+    interrupt the clean-up (a lock file left), a DataLoader's worker shutdown ("Exception ignored in
+    ... __del__") or the interpreter's exit (killed by the signal, not exiting 128 + signal)."""
+    if isinstance(exc, distributed.Stopped):
+        for signum in distributed.StopRequest.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def as_decoded(sample):

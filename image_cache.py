@@ -5,9 +5,10 @@ Each image is stored resized (shorter side) and center-cropped to S x S, S = --r
 exactly the evaluation transform's intermediate, so evaluation from the cache equals evaluation
 from the files. Training crops are drawn with the same per-sample generator (seed, epoch, index)
 and the same crop rule as the file path, in that S x S frame, so a resumed run stays bit-exact.
-The file name carries a hash of the file list and each file's size, times and inode: change the
-folder and the cache is rebuilt; every later run and every rank reuses it. cache_file.py has the
-file's format, its lock and its safe publication; build_or_open here decides who builds.
+The file name carries a hash of the file list, each file's size, times and inode, and the stored
+and crop sizes: change the folder (or --image_size) and the cache is rebuilt; every later run and
+every rank reuses it. cache_file.py has the file's format, its lock and its safe publication;
+build_or_open here decides who builds.
 """
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 import distributed
-from cache_file import NodeLeader, Team, describe_cache, storage_size
+from cache_file import NodeLeader, Team, describe_cache, stay_stopped, storage_size
 from cache_jpeg import JpegImages
 from augment import crop_and_flip, draw_crops
 from dataset import planar, resized_crop, train_sampler
@@ -46,7 +47,7 @@ def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team(), resi
     existing cache was reused."""
     def look():
         usable_directory(cache_dir)
-        spec = describe_cache(dataset, resize_size or storage_size(image_size), cache_dir, quality)
+        spec = describe_cache(dataset, image_size, resize_size or storage_size(image_size), cache_dir, quality)
         return spec, team.node, spec.open() is None
     spec, first_node, missing = rank_0_decides(look, team)
     built = missing and build_on_nodes(spec, dataset, image_size, num_workers, team, team.node == first_node)
@@ -78,6 +79,7 @@ def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
     process's node built it (False: another job published it first). Nothing it created is left
     behind on any way out: an error, distributed.Stopped, KeyboardInterrupt."""
     leader = NodeLeader(spec) if building and team.local_rank == 0 else None
+    decoder = None
     try:
         in_rounds(leader.claim if leader else None)
         created = leader.temp if leader and leader.building else None
@@ -94,6 +96,11 @@ def build_on_nodes(spec, dataset, image_size, num_workers, team, building):
         parts = [part for node, _, part in reports if node == team.node]
         publish = partial(finish_and_publish, leader, parts) if leader and leader.building else None
         in_rounds(publish)
+    except BaseException as exc:
+        stay_stopped(exc)
+        if decoder:  # its share unfinished, or its part not yet collected: another rank failed
+            decoder.abandon()
+        raise
     finally:
         if leader:
             leader.close()
@@ -283,14 +290,16 @@ class CachedBatches:
 
 
 def build_cached_loaders(train_set, val_set, args, ctx):
-    """Train and val loaders over the image cache in args.cache_images (built on first use)."""
+    """Train and val loaders over the image cache in args.cache_images (built on first use). A
+    compressed cache holds the training images only: the evaluation split stays raw, so validation
+    (and the checkpoint it selects) sees the files' decoded pixels, as without a cache."""
     team = Team.of(ctx)
     quality = cache_quality(len(train_set) + len(val_set), args, team)
     opened = []
-    for dataset in (train_set, val_set):
+    for dataset, dataset_quality in ((train_set, quality), (val_set, None)):
         began = time.perf_counter()
         images, path, built = build_or_open(dataset, args.image_size, args.cache_images, args.num_workers, team,
-                                            args.resize_size, quality)
+                                            args.resize_size, dataset_quality)
         if ctx.is_main:
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)

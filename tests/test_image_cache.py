@@ -132,7 +132,7 @@ def test_a_cache_that_does_not_fit_on_disk_is_refused_clearly(tiny_data, tmp_pat
         result = run_cli(train_cmd(*data_flags(tiny_data, str(tmp_path), image_size=128,
                                                cache_images=str(small))), check=False)
         assert result.returncode == 2
-        assert "error: the image cache needs" in result.stderr and f"{small} has 0.00 GiB free" in result.stderr
+        assert f"error: the image cache needs 1.5 MiB but {small} has 1.0 MiB free" in result.stderr
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)])
@@ -242,7 +242,7 @@ def test_a_symbolic_link_planted_at_the_cache_or_its_lock_is_refused_and_its_tar
     dataset = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    link = describe_cache(dataset, storage_size(16), str(cache_dir)).path + (".lock" if planted == "lock" else "")
+    link = describe_cache(dataset, 16, storage_size(16), str(cache_dir)).path + (".lock" if planted == "lock" else "")
     target = tmp_path / "precious"
     if target_exists:
         target.write_bytes(b"precious")
@@ -385,3 +385,42 @@ def test_gpu_batches_staged_on_a_side_stream_equal_crops_made_on_the_compute_str
                                     False) for device in (cuda, torch.device("cpu")))
     for (gpu_images, gpu_labels, _, _), (cpu_images, cpu_labels, _, _) in zip(on_gpu, on_cpu, strict=True):
         assert torch.equal(gpu_images.cpu(), cpu_images) and torch.equal(gpu_labels.cpu(), cpu_labels)
+
+
+def test_a_cache_built_for_another_image_size_with_the_same_resize_size_is_not_reused(tmp_path):
+    # 30 x 20 images at --resize_size 20: the stored 20 x 20 window starts at column 5 for crops of
+    # 16 and at column 6 for crops of 15 (the offsets round separately), so each needs its own cache.
+    folder = write_image_folder(str(tmp_path / "wide"), per_class=2, size=(30, 20))
+    for image_size in (16, 15):
+        dataset = AugmentedImageFolder(folder, image_size, train=False, resize_size=20)
+        images, _, built = build_or_open(dataset, image_size, str(tmp_path / "cache"), 0, resize_size=20)
+        assert built, f"the cache for --image_size {image_size} was not built"
+        loader = CachedBatches(images, dataset.targets, list(range(len(dataset))), 3, False, image_size,
+                               torch.device("cpu"), False)
+        evaluated = torch.cat([batch[0] for batch in loader])
+        for index in range(len(dataset)):
+            assert torch.equal(evaluated[index], dataset[index][0]), f"image {index} at --image_size {image_size}"
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
+@pytest.mark.slow
+def test_a_stop_signal_reaching_the_main_process_twice_during_the_build_stops_it_cleanly(photos, tiny_data, tmp_path):
+    # GNU timeout forwarding its signal, or Ctrl-C plus a forwarded SIGINT: the second one arrives
+    # while the first is ending the run (its decode workers, its files, the interpreter's exit),
+    # at a moment that depends on the gap between them.
+    cache_dir = tmp_path / "cache"
+    flags = data_flags(tiny_data, str(tmp_path), train_dir=photos, image_size=64, num_workers=2,
+                       cache_images=str(cache_dir))
+    for gap in (0, 0.01, 0.05, 0.1, 0.2, 0.4):
+        run = subprocess.Popen(train_cmd(*flags), cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1",
+                                                                      PYTHONPATH=REPO),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for_temp_file(cache_dir, lambda: run.poll() is None)
+        os.kill(run.pid, signal.SIGINT)
+        time.sleep(gap)
+        os.kill(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 128 + signal.SIGINT, f"gap {gap} s: exit {run.returncode}\n{err}"
+        assert "Stopped by signal 2 while setting up" in out
+        assert err == "", f"gap {gap} s:\n{err}"  # e.g. "Exception ignored in: ..._MultiProcessingDataLoaderIter"
+        assert os.listdir(cache_dir) == [], f"gap {gap} s"
