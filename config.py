@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from errors import ConfigError
+from core.errors import ConfigError
 
 # The smallest --image_size of models a dry forward pass would otherwise judge only on the ranks
 # (model.check_image_size, which tests/test_model.py holds this table to), so that launch_ddp.py

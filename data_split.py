@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from folders import find_files
+from inputs.folders import find_files
 
 RATIO_TOLERANCE = 1e-6
 

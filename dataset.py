@@ -23,12 +23,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from augment import draw_crops
 from config import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size  # noqa: F401 (the names data code imports)
-from folders import check_data_folders, class_folders, find_files
-from distributed import validation_shard
-from errors import DataError
-from sampling import GlobalOrderSampler
+from core.errors import DataError
+from engine.distributed import validation_shard
+from inputs.augment import draw_crops
+from inputs.folders import check_data_folders, class_folders, find_files
+from inputs.sampling import GlobalOrderSampler
 
 # Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
 # the central band that any center crop keeps is resized: memory grows with the resized image, and

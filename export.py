@@ -31,9 +31,9 @@ import zipfile
 
 import torch
 
-from checkpoint import checkpoint_preprocessing, first_line, load_checkpoint
+from core.errors import CheckpointError, ModelError
 from dataset import normalization_constants
-from errors import CheckpointError, ModelError
+from engine.checkpoint import checkpoint_preprocessing, first_line, load_checkpoint
 from predict import Parser, UsageError, load_model
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}

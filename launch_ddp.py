@@ -21,8 +21,8 @@ import tempfile
 import time
 
 from config import parse_args
-from errors import USER_ERRORS, CheckpointError, ConfigError
-from folders import check_data_folders, refuse_empty_classes
+from core.errors import USER_ERRORS, CheckpointError, ConfigError
+from inputs.folders import check_data_folders, refuse_empty_classes
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ddp.py")
 

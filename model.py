@@ -12,9 +12,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from checkpoint import first_line, strip_wrapper_prefixes
 from config import image_size_too_small
-from errors import ModelError
+from core.errors import ModelError
+from engine.checkpoint import first_line, strip_wrapper_prefixes
 
 # The file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads into torch.hub's cache.
 RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
-from checkpoint import checkpoint_preprocessing, first_line, load_checkpoint, strip_wrapper_prefixes
-from folders import find_files
+from core.errors import CheckpointError, ModelError
 from dataset import load_eval, normalize
-from errors import CheckpointError, ModelError
+from engine.checkpoint import checkpoint_preprocessing, first_line, load_checkpoint, strip_wrapper_prefixes
+from inputs.folders import find_files
 from model import build_model
 
 

@@ -25,14 +25,33 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 from tqdm import tqdm
 
-from checkpoint import (RunState, check_resumable, load_checkpoint, remove_quietly, rng_state, set_aside_previous_run,
-                        top_k_filename, unwrap, write_checkpoints)
-from distributed import (Stopped, StopRequest, broadcast_buffers, broadcast_object, gather_from_ranks, is_peer_loss,
-                         main_print, report_to_torchrun, setup_distributed, teardown_distributed)
-from errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError
-from metrics import EpochSums, class_report, evaluate, evaluate_classes, to_model_input
-from resume import plan_resume, restart_parts
-from training import build_data, build_training, enter_epoch
+from core.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError
+from engine.checkpoint import (
+    RunState,
+    check_resumable,
+    load_checkpoint,
+    remove_quietly,
+    rng_state,
+    set_aside_previous_run,
+    top_k_filename,
+    unwrap,
+    write_checkpoints,
+)
+from engine.distributed import (
+    Stopped,
+    StopRequest,
+    broadcast_buffers,
+    broadcast_object,
+    gather_from_ranks,
+    is_peer_loss,
+    main_print,
+    report_to_torchrun,
+    setup_distributed,
+    teardown_distributed,
+)
+from engine.metrics import EpochSums, class_report, evaluate, evaluate_classes, to_model_input
+from engine.resume import plan_resume, restart_parts
+from engine.training import build_data, build_training, enter_epoch
 from utils import write_json_atomic
 
 

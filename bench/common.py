@@ -52,9 +52,9 @@ def cpu_model():
 
 
 def machine_info():
+    import PIL
     import torch
     import torchvision
-    import PIL
     lines = [f"- command: `{shlex.join(['python', *sys.argv])}` (interpreter {sys.executable}, cwd {os.getcwd()})",
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              f"- CPU: {cpu_model()}; {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable); "

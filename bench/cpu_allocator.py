@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import common
 import harness
+import torch
+
 from dataset import normalize
-from distributed import keep_freed_memory
+from engine.distributed import keep_freed_memory
 
 FULL = dict(normalize=(64, 224), loops=[("resnet18", 224, 32, 4), ("resnet18", 64, 64, 12)])
 QUICK = dict(normalize=(8, 64), loops=[("tiny_cnn", 32, 16, 4)])

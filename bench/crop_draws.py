@@ -16,12 +16,12 @@ import math
 import random
 import time
 
+import common
+import harness  # noqa: F401  (puts the repository on sys.path)
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-import common
-import harness  # noqa: F401  (puts the repository on sys.path)
-from augment import CROP_RATIO, draw_crop, draw_crops
+from inputs.augment import CROP_RATIO, draw_crop, draw_crops
 
 STORED, SCALE = 256, (0.08, 1.0)  # the cache's 256 px images, cropped for 224 px training
 

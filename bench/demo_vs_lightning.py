@@ -45,14 +45,14 @@ def lightning_worker(default_root_dir, train_flags):
     import logging
     import warnings
 
+    import harness
     import lightning as L
     import torch
     import torch.nn.functional as F
 
-    import harness
     from config import parse_args
     from dataset import normalize
-    from training import build_data
+    from engine.training import build_data
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -31,13 +31,13 @@ import sys
 import tempfile
 import time
 
-import torch
-
 import common
 import harness
-from checkpoint import RunState, rng_state, save_checkpoint
-from dataset import eval_resize_size
+import torch
 from input_pipeline import folder_stats, make_dataset
+
+from dataset import eval_resize_size
+from engine.checkpoint import RunState, rng_state, save_checkpoint
 from train_ddp import train_one_epoch
 
 BAR_START = r"\| 0/\d+ \["             # the epoch's progress bar, printed as the loop starts

@@ -31,9 +31,8 @@ def measure(flags, size, batch, count, epochs):
     RSS on a CPU, GPU memory allocated on a GPU)."""
     import warnings
 
-    import torch
-
     import harness
+    import torch
     warnings.filterwarnings("ignore", message=".*bfloat16.*")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = harness.synthetic_images(count, size)

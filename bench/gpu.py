@@ -17,9 +17,8 @@ import sys
 import tempfile
 import time
 
-import torch
-
 import harness
+import torch
 from input_pipeline import photo_data
 
 PRECISIONS = {"fp32": [], "fp16": ["--use_amp", "--amp_dtype", "float16"], "bf16": ["--use_amp", "--amp_dtype", "bfloat16"]}

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from checkpoint import RunState  # noqa: E402
 from config import parse_args  # noqa: E402
 from dataset import normalize, train_sampler  # noqa: E402
-from distributed import DistContext  # noqa: E402
-from image_cache import CachedBatches  # noqa: E402
+from engine.checkpoint import RunState  # noqa: E402
+from engine.distributed import DistContext  # noqa: E402
+from engine.training import Data, build_training  # noqa: E402
+from fastload.image_cache import CachedBatches  # noqa: E402
 from model import build_model  # noqa: E402
 from train_ddp import train_one_epoch  # noqa: E402
-from training import Data, build_training  # noqa: E402
 
 
 def synthetic_images(count, size, classes=10, seed=0):

@@ -24,12 +24,14 @@ Ratios are to the baseline at the same worker count, per round, then median and 
 """
 import glob
 import itertools
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-import multiprocessing
 
+import common
+import harness
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
@@ -38,14 +40,12 @@ from torchvision import datasets, transforms
 from torchvision.io import decode_jpeg
 from torchvision.transforms import functional as TF
 
-import common
-import harness
-from cache_file import storage_size
-from cache_jpeg import EncodeForCache
-from augment import draw_crops
-from distributed import keep_freed_memory
 from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders, normalize, planar, resized_crop
-from training import build_data
+from engine.distributed import keep_freed_memory
+from engine.training import build_data
+from fastload.cache_file import storage_size
+from fastload.cache_jpeg import EncodeForCache
+from inputs.augment import draw_crops
 
 IN_PROCESS_PHOTOS = 200  # at ~30 ms a photo, fewer are made faster here than by a pool of fresh processes
 VAL_PHOTOS = 10  # one per class: the validation folder training.build_data needs

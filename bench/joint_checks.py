@@ -18,16 +18,16 @@ import statistics
 import tempfile
 import time
 
+import common
+import harness
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import common
-import harness
-from checkpoint import RunState
 from dataset import train_sampler
-from distributed import DistContext, JointChecks, StopRequest
-from image_cache import CachedBatches
+from engine.checkpoint import RunState
+from engine.distributed import DistContext, JointChecks, StopRequest
+from fastload.image_cache import CachedBatches
 from train_ddp import train_one_epoch
 
 WORKLOADS = [("tiny_cnn", 64, 2560), ("resnet18", 64, 1280)]  # model, batch per process, images

@@ -26,13 +26,13 @@ import sys
 import tempfile
 import time
 
+import common
+import harness  # noqa: F401  (puts the repository on sys.path)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import common
-import harness  # noqa: F401  (puts the repository on sys.path)
 from input_pipeline import make_dataset
+
 from model import build_model
 
 SIZE = 32

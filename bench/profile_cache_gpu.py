@@ -15,12 +15,12 @@ import os
 import tempfile
 import time
 
-import torch
-
 import harness
-import image_cache
+import torch
 from gpu import pick_device, pipeline_data
-from augment import crop_and_flip
+
+from fastload import image_cache
+from inputs.augment import crop_and_flip
 
 FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
 FULL = dict(model="resnet18", images=8000, image_size=224, batch_size=256, workers=16, epochs=4, best_of=3)

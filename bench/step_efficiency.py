@@ -23,11 +23,11 @@ import logging
 import time
 import warnings
 
+import common
+import harness
 import torch
 import torch.nn.functional as F
 
-import common
-import harness
 from dataset import normalize
 from model import build_model
 

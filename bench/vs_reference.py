@@ -127,6 +127,7 @@ def make_photos(root, count, val_count, classes=10, photo_size=(500, 375)):
     """input_pipeline.make_dataset's photos, each given its class's colour cast (once: a marker
     file records it)."""
     import multiprocessing
+
     from input_pipeline import make_dataset
     make_dataset(root, count, val_count, classes, size=photo_size)
     marker = os.path.join(root, f".tinted-{count}-{val_count}-{classes}-{photo_size[0]}x{photo_size[1]}-{TINT}")
@@ -278,6 +279,7 @@ def cost_model(train_py, root, size, photos=128, steps=10):
 
     import torch
     import torchvision
+
     from dataset import AugmentedImageFolder
 
     threads = torch.get_num_threads()

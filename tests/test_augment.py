@@ -9,7 +9,16 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from augment import CROP_RATIO, DRAWS, crop_and_flip, draw_crop, draw_crops, resize_weights, sample_keys, uniforms
+from inputs.augment import (
+    CROP_RATIO,
+    DRAWS,
+    crop_and_flip,
+    draw_crop,
+    draw_crops,
+    resize_weights,
+    sample_keys,
+    uniforms,
+)
 
 
 def boxes_for(width, height, seed, epoch, count, scale=(0.08, 1.0)):

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-
-import image_cache
 from conftest import REPO, run_cli
+
+from fastload import image_cache
 
 pytestmark = pytest.mark.slow
 

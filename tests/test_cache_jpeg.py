@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from cache_file import describe_cache, size_text, storage_size
-from cache_jpeg import JpegImages, JpegSpec, assemble, part_name
 from conftest import REPO, data_flags, run_cli, torchrun, train_cmd
+
+from core.errors import DataError
 from dataset import AugmentedImageFolder
-from errors import DataError
-from image_cache import CachedBatches, build_cached_loaders, build_or_open
+from fastload.cache_file import describe_cache, size_text, storage_size
+from fastload.cache_jpeg import JpegImages, JpegSpec, assemble, part_name
+from fastload.image_cache import CachedBatches, build_cached_loaders, build_or_open
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from input_pipeline import make_dataset  # noqa: E402  (the benchmark's photo-like JPEGs)

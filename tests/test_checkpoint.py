@@ -4,16 +4,29 @@ import os
 import re
 import stat
 import time
-
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from checkpoint import (EMA_SCHEMA, REQUIRED_KEYS, SCHEMA, CheckpointError, RunState, check_resumable, is_improvement,
-                        load_checkpoint, rng_state, save_checkpoint, set_aside_previous_run, strip_wrapper_prefixes,
-                        top_k_filename, unwrap, update_top_k)
+from engine.checkpoint import (
+    EMA_SCHEMA,
+    REQUIRED_KEYS,
+    SCHEMA,
+    CheckpointError,
+    RunState,
+    check_resumable,
+    is_improvement,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside_previous_run,
+    strip_wrapper_prefixes,
+    top_k_filename,
+    unwrap,
+    update_top_k,
+)
 from model import TinyCNN
 from utils import HISTORY_KEYS
 

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import data_flags, run_cli, torchrun, train_cmd
 from PIL import Image
 
 import train_ddp
-from conftest import data_flags, run_cli, torchrun, train_cmd
 
 SEVEN_CLASSES = tuple(f"class{k}" for k in range(7))
 

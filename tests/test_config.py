@@ -5,10 +5,9 @@ import os
 import sys
 
 import pytest
-
-from config import ConfigError, parse_args
 from conftest import data_flags, run_cli, torchrun, train_cmd
 
+from config import ConfigError, parse_args
 
 # ------------------------------------------------------------------ --image_size the model can take
 

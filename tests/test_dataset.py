@@ -6,17 +6,29 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, run_cli
 from PIL import Image, ImageDraw
-from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILToTensor, Resize
 from torchvision.transforms import functional as TF
 
-from conftest import CLASSES, run_cli
 from config import parse_args
-from augment import draw_crop
-from dataset import (BAND_ASPECT, IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, DataError,
-                     build_datasets, build_loaders, eval_resize_size, load_eval, normalize, open_resized,
-                     open_rgb, planar, resized_crop)
+from dataset import (
+    BAND_ASPECT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentedImageFolder,
+    DataError,
+    build_datasets,
+    build_loaders,
+    eval_resize_size,
+    load_eval,
+    normalize,
+    open_resized,
+    open_rgb,
+    planar,
+    resized_crop,
+)
+from inputs.augment import draw_crop
 
 
 def data_args(data, **overrides):

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, data_flags, run_cli, train_cmd, write_image_folder
 from PIL import Image
 
-from conftest import REPO, data_flags, run_cli, train_cmd, write_image_folder
+from core.errors import DataError
 from dataset import AugmentedImageFolder, train_sampler
-from device_decode import DeviceDecodedFiles
-from errors import DataError
+from fastload.device_decode import DeviceDecodedFiles
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from input_pipeline import make_dataset  # noqa: E402  (the benchmark's photo-like JPEGs)
@@ -119,7 +119,7 @@ def save_noise(path, width, height, seed):
 EVALUATE_IN_BOUNDED_MEMORY = """
 import json, os, resource, sys, torch
 from dataset import AugmentedImageFolder
-from device_decode import DeviceDecodedFiles
+from fastload.device_decode import DeviceDecodedFiles
 dataset = AugmentedImageFolder(sys.argv[1], 224, train=False)
 size_kb = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1])
 limit = (size_kb + 2 * 1024 * 1024) * 1024

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_tiny_data, run_cli, train_cmd
 from PIL import Image
 
-from conftest import REPO, make_tiny_data, run_cli, train_cmd
 from dataset import AugmentedImageFolder, prepare_digits_demo
 
 

@@ -10,12 +10,19 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
-from distributed import (DistContext, JointChecks, Stopped, StopRequest, all_reduce_sum, broadcast_buffers, setup_distributed,
-                         validation_shard)
 from conftest import run_cli
-from model import TinyCNN
 
+from engine.distributed import (
+    DistContext,
+    JointChecks,
+    Stopped,
+    StopRequest,
+    all_reduce_sum,
+    broadcast_buffers,
+    setup_distributed,
+    validation_shard,
+)
+from model import TinyCNN
 
 # ------------------------------------------------------------------ distributed helpers, one process
 
@@ -35,7 +42,7 @@ def test_setup_without_torchrun_is_one_process_without_a_process_group(monkeypat
 # hold it at the alignment torch asks for); prints the page faults the five took.
 REALLOCATE = """
 import resource, sys, torch
-from distributed import setup_distributed
+from engine.distributed import setup_distributed
 assert setup_distributed().device.type == "cpu"
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):

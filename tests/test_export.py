@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from torchvision.transforms import functional as TF
 
 import export
-from checkpoint import load_checkpoint
-from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from dataset import load_eval, normalize
+from engine.checkpoint import load_checkpoint
 from predict import load_model
 
 EXPORT = [sys.executable, os.path.join(REPO, "export.py")]

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, data_flags, run_cli, torchrun, train_cmd, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -134,9 +133,10 @@ def test_a_signal_while_setting_up_ends_the_run_at_once_without_files(tiny_data,
 
 
 def test_a_signal_acted_on_at_the_last_step_of_an_epoch_resumes_into_that_epochs_validation(tmp_path):
-    import train_ddp
     from conftest import write_image_folder
-    from distributed import StopRequest, setup_distributed
+
+    import train_ddp
+    from engine.distributed import StopRequest, setup_distributed
     data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=8),
                 val_dir=write_image_folder(str(tmp_path / "val"), per_class=3, seed=1))
     # 24 images in one batch: every epoch is one optimizer step, so the first joint check is at
@@ -180,10 +180,11 @@ class SignalOnFirstBatch:
 
 
 def test_a_signal_during_validation_stops_at_once_and_keeps_the_epochs_training(tmp_path, monkeypatch):
-    import train_ddp
-    import training
     from conftest import write_image_folder
-    from distributed import StopRequest, setup_distributed
+
+    import train_ddp
+    from engine import training
+    from engine.distributed import StopRequest, setup_distributed
     data = dict(train_dir=write_image_folder(str(tmp_path / "train"), per_class=8),
                 val_dir=write_image_folder(str(tmp_path / "val"), per_class=20, seed=1))
     flags = dict(model="tiny_cnn", epochs=2, batch_size=24, num_sanity_val_steps=0)

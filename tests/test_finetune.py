@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, data_flags, run_cli, torchrun, train_cmd, write_image_folder
 from PIL import Image
-
 from torchvision.models import get_model
 from torchvision.transforms import functional as TF
 
 import export
-from conftest import REPO, data_flags, run_cli, torchrun, train_cmd, write_image_folder
 from dataset import load_eval, normalize
 from model import RESNET18_IMAGENET_FILE, build_model, pretrained_entry
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import CLASSES, REPO, data_flags, run_cli, train_cmd
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from errors import DataError
-from folders import IMAGE_EXTENSIONS, check_data_folders, find_files, has_files, refuse_empty_classes
+from core.errors import DataError
+from inputs.folders import IMAGE_EXTENSIONS, check_data_folders, find_files, has_files, refuse_empty_classes
 
 
 def test_check_data_folders_returns_the_sorted_class_names(tiny_data):

@@ -11,15 +11,23 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    REPO,
+    assert_same_weights,
+    data_flags,
+    load_weights,
+    run_cli,
+    torchrun,
+    train_cmd,
+    write_image_folder,
+)
 from PIL import Image
 
-from cache_file import DecodeForCache, describe_cache, storage_size
-from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd,
-                      write_image_folder)
-from augment import crop_and_flip
+from core.errors import DataError
 from dataset import AugmentedImageFolder, train_sampler
-from errors import DataError
-from image_cache import CachedBatches, build_or_open
+from fastload.cache_file import DecodeForCache, describe_cache, storage_size
+from fastload.image_cache import CachedBatches, build_or_open
+from inputs.augment import crop_and_flip
 
 
 def open_cache(folder, image_size, cache_dir, train=False):

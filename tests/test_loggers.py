@@ -5,10 +5,10 @@ import time
 import types
 
 import torch
+from conftest import read_wandb_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import read_wandb_records
-from loggers import RunLogger
+from engine.loggers import RunLogger
 
 MAIN = types.SimpleNamespace(is_main=True)
 OTHER_RANK = types.SimpleNamespace(is_main=False)

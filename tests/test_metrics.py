@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from metrics import EpochSums, Evaluation, class_report, confusion_matrix, per_class_metrics
+from engine.metrics import EpochSums, Evaluation, class_report, confusion_matrix, per_class_metrics
 
 
 def test_epoch_sums_add_batches_and_updates_under_their_names():

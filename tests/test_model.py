@@ -8,12 +8,19 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import data_flags, run_cli, train_cmd
 
 import model as model_module
 from config import SMALLEST_IMAGE_SIZE
-from conftest import data_flags, run_cli, train_cmd
-from model import (RESNET18_IMAGENET_FILE, ModelError, ResNet18Animals90, TinyCNN, build_model, check_image_size,
-                   load_weights_file)
+from model import (
+    RESNET18_IMAGENET_FILE,
+    ModelError,
+    ResNet18Animals90,
+    TinyCNN,
+    build_model,
+    check_image_size,
+    load_weights_file,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from PIL import Image
 
 import predict
-from checkpoint import checkpoint_preprocessing
-from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from dataset import AugmentedImageFolder, normalize
+from engine.checkpoint import checkpoint_preprocessing
 from model import build_model
 
 PREDICT = [sys.executable, os.path.join(REPO, "predict.py")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import build_parser
-from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
+from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 
 
 def flags(*argv):

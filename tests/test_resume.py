@@ -12,11 +12,19 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    assert_same_weights,
+    data_flags,
+    run_cli,
+    torchrun,
+    train_cmd,
+    wait_for_checkpoint,
+    write_image_folder,
+)
 
 import train_ddp
-from conftest import (REPO, assert_same_weights, data_flags, run_cli, torchrun, train_cmd, wait_for_checkpoint,
-                      write_image_folder)
-from sampling import read_trace
+from inputs.sampling import read_trace
 
 TINY = dict(model="tiny_cnn", batch_size=2, trace_samples=True)
 

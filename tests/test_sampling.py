@@ -3,8 +3,8 @@ number; the sample trace's reader is exercised by test_resume.py."""
 import pytest
 import torch
 
-from errors import ConfigError, DataError
-from sampling import GlobalOrderSampler
+from core.errors import ConfigError, DataError
+from inputs.sampling import GlobalOrderSampler
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -9,15 +9,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    assert_same_weights,
+    data_flags,
+    load_weights,
+    run_cli,
+    torchrun,
+    train_cmd,
+    wait_for_checkpoint,
+)
 
 import train_ddp
-from checkpoint import load_checkpoint
-from conftest import (REPO, assert_same_weights, data_flags, load_weights, run_cli, torchrun, train_cmd,
-                      wait_for_checkpoint)
 from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders
-from metrics import evaluate
+from engine.checkpoint import load_checkpoint
+from engine.distributed import DistContext
+from engine.metrics import evaluate
 from model import build_model
-from distributed import DistContext
 
 
 def test_one_process_run_writes_loadable_checkpoints_and_history(tiny_data, tmp_path):

@@ -13,18 +13,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    CLASSES,
+    assert_same_weights,
+    data_flags,
+    load_weights,
+    make_tiny_data,
+    read_wandb_records,
+    run_cli,
+    torchrun,
+    train_cmd,
+)
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_recipe import closed_form_lr
 
 import train_ddp
 from config import build_parser
-from conftest import (CLASSES, assert_same_weights, data_flags, load_weights, make_tiny_data, read_wandb_records,
-                      run_cli, torchrun, train_cmd)
 from dataset import AugmentedImageFolder, normalize
-from distributed import DistContext
+from engine.distributed import DistContext
+from engine.training import build_training, cpu_has_native_bfloat16, resolve_amp
 from model import build_model
-from test_recipe import closed_form_lr
-from training import build_training, cpu_has_native_bfloat16, resolve_amp
 
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4
 # On a 2-core machine torch's default intra-op threads fight over the cores (a tiny_cnn step then

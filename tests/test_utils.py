@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, run_cli
 from PIL import Image
 
 import utils
-from conftest import REPO, run_cli
 from utils import HISTORY_KEYS, append_history, new_history, write_json_atomic
 
 

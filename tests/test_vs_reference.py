@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli
 
 SCRIPT = os.path.join(REPO, "bench", "vs_reference.py")

@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import to_dtype
 
-from cache_file import DecodeForCache
 from dataset import AugmentedImageFolder, DataError, open_rgb
-from device_decode import DeviceDecodedFiles
+from fastload.cache_file import DecodeForCache
+from fastload.device_decode import DeviceDecodedFiles
 
 LEVEL = 126  # the images' mean level of 255
 

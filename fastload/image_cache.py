@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from torchvision.transforms import functional as TF
 
-import distributed
-from cache_file import NodeLeader, Team, describe_cache, stay_stopped, storage_size
-from cache_jpeg import JpegImages
-from augment import crop_and_flip, draw_crops
+from core.errors import DataError
 from dataset import planar, resized_crop, train_sampler
-from errors import DataError
-
+from engine import distributed
+from fastload.cache_file import NodeLeader, Team, describe_cache, stay_stopped, storage_size
+from fastload.cache_jpeg import JpegImages
+from inputs.augment import crop_and_flip, draw_crops
 
 READER_THREADS = min(4, os.cpu_count() or 1)  # for a GPU: they only gather (or decode) and pin
 # On a CPU torch's intra-op threads already occupy every core while a batch trains: more readers only

@@ -5,7 +5,7 @@ import os
 import stat
 from collections import deque
 
-from errors import DataError
+from core.errors import DataError
 
 # torchvision's IMG_EXTENSIONS (what ImageFolder and dataset.py accept), spelled out here so the
 # launcher can check class folders without importing torchvision.

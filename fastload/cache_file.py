@@ -39,11 +39,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-import distributed
-from checkpoint import fsync_directory, remove_quietly
+from core.errors import DataError
 from dataset import UNREADABLE, open_resized
 from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
-from errors import DataError
+from engine import distributed
+from engine.checkpoint import fsync_directory, remove_quietly
 
 FORMAT_VERSION = 3  # 1: headerless, keyed by file sizes and mtimes; 2: keyed without the crop size, no checksums
 MAGIC = b"IMGCACHE"
@@ -122,7 +122,7 @@ def describe_cache(dataset, image_size, side, cache_dir, quality=None):
     if quality is None:
         return CacheSpec(os.path.join(cache_dir, f"{stem}-{digest.hexdigest()[:16]}.u8"), digest.digest(),
                          len(dataset.samples), side)
-    from cache_jpeg import JpegSpec  # here: cache_jpeg builds on this module
+    from fastload.cache_jpeg import JpegSpec  # here: cache_jpeg builds on this module
     return JpegSpec(os.path.join(cache_dir, f"{stem}-q{quality}-{digest.hexdigest()[:16]}.jpegs"), digest.digest(),
                     len(dataset.samples), side, quality)
 

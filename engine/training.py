@@ -12,17 +12,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import InterpolationMode
 
-from checkpoint import unwrap
 from config import PREPROCESSING_FLAGS, check_preprocessing, fill_preprocessing
+from core.errors import ModelError
 from dataset import build_datasets, build_loaders, prepare_digits_demo
-from device_decode import build_device_decoded_loaders
-from distributed import JointChecks, StopRequest, gather_from_ranks, main_print
-from errors import ModelError
-from image_cache import build_cached_loaders
-from loggers import RunLogger
+from engine.checkpoint import unwrap
+from engine.distributed import JointChecks, StopRequest, gather_from_ranks, main_print
+from engine.loggers import RunLogger
+from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
+from fastload.device_decode import build_device_decoded_loaders
+from fastload.image_cache import build_cached_loaders
+from inputs.sampling import SampleTrace
 from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file
-from recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
-from sampling import SampleTrace
 
 
 @dataclass

@@ -19,8 +19,8 @@ import time
 import torch
 from torch.utils.data import Sampler
 
-from distributed import broadcast_object
-from errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
+from engine.distributed import broadcast_object
 
 
 class GlobalOrderSampler(Sampler):

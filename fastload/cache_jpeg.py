@@ -29,10 +29,21 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from cache_file import (HEADER, HEADER_BYTES, ROUND_SECONDS, CacheSpec, DecodeForCache, in_workers, no_room,
-                        open_regular, size_text, stay_stopped, try_flock)
-from checkpoint import remove_quietly
-from errors import DataError
+from core.errors import DataError
+from engine.checkpoint import remove_quietly
+from fastload.cache_file import (
+    HEADER,
+    HEADER_BYTES,
+    ROUND_SECONDS,
+    CacheSpec,
+    DecodeForCache,
+    in_workers,
+    no_room,
+    open_regular,
+    size_text,
+    stay_stopped,
+    try_flock,
+)
 
 MAGIC = b"IMGCJPEG"
 INDEX_COLUMNS = 3  # offset, length, crc32: uint64 each

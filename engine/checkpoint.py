@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from augment import GENERATOR as CROP_GENERATOR
 from config import preprocessing_of
-from errors import CheckpointError
-from recipe import load_scheduler_state
+from core.errors import CheckpointError
+from engine.recipe import load_scheduler_state
+from inputs.augment import GENERATOR as CROP_GENERATOR
 from utils import append_history, new_history
 
 SCHEMA = {

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import normalize
-from distributed import JointChecks, all_reduce_sum
+from engine.distributed import JointChecks, all_reduce_sum
 from model import last_linear_name
 
 

@@ -19,11 +19,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2.functional import to_dtype
 
-from augment import draw_crops
+from core.errors import DataError
 from dataset import BAND_ASPECT, UNREADABLE, open_rgb, planar, resize_shorter_side, train_sampler
-from distributed import validation_shard
-from errors import DataError
-from image_cache import CachedBatches
+from engine.distributed import validation_shard
+from fastload.image_cache import CachedBatches
+from inputs.augment import draw_crops
 
 JPEG_START = (0xFF, 0xD8)
 

@@ -17,9 +17,9 @@ section has the same contract as a table.
   another schedule or peak rate (--reset_lr_schedule), another --backbone_lr_scale (both), another
   monitored metric (--reset_best), another seed in the middle of an epoch, another global batch.
 """
-from augment import GENERATOR
-from errors import ConfigError
-from recipe import restart_scheduler
+from core.errors import ConfigError
+from engine.recipe import restart_scheduler
+from inputs.augment import GENERATOR
 
 RESETTABLE = {  # flag whose change needs the reset, the part it restarts, and what the reset does
     "optimizer": ("reset_optimizer", "optimizer", "start the optimizer's state (moments) afresh"),
