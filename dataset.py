@@ -154,9 +154,9 @@ PLANES_BY_PIL = 128 * 128  # pixels from which PIL's per-plane packing beats one
 
 def planar(image, out=None):
     """An RGB PIL image as a (3, H, W) uint8 array (into `out` when given). From PLANES_BY_PIL
-    pixels each plane is packed by PIL itself (half the time of a numpy transpose at 224 px, the
-    same at 128 px); smaller images are transposed by numpy, whose one call costs less than three.
-    bench/input_pipeline.py --profile has both."""
+    pixels each plane is packed by PIL itself, faster than a numpy transpose for large crops;
+    smaller images are transposed by numpy, whose one call costs less than three (measured by
+    bench/input_pipeline.py --profile, BENCHMARKS.md)."""
     if out is None:
         out = np.empty((3, image.height, image.width), dtype=np.uint8)
     if image.width * image.height < PLANES_BY_PIL:

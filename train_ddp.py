@@ -197,7 +197,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
 
     Gradients accumulate over micro-batches; only the last micro-batch of each group all-reduces
     them. Metrics stay on the device; the host syncs only at log points (--log_every_steps) and
-    at the ranks' joint checks (training.checks). Returns the epoch's running sums, or None when
+    at the ranks' joint checks (Training.checks). Returns the epoch's running sums, or None when
     stopped by a signal (after a mid-epoch checkpoint).
     """
     enter_epoch(training, epoch, args, ctx)

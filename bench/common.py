@@ -27,7 +27,8 @@ def parser(doc, repeats):
     --results_dir (where the report goes)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one timed round: checks the script runs")
-    p.add_argument("--repeats", type=int, default=None, help=f"timed rounds after the warm-up round (default {repeats}, "
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds after the warm-up round (default {repeats}, "
                                                              "1 with --quick)")
     p.add_argument("--results_dir", default=RESULTS,
                    help="folder for the Markdown report (default bench/results, the committed reports: "

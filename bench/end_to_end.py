@@ -140,7 +140,8 @@ def main():
     p.add_argument("--batch_size", type=int, help="batch size (default 64, 16 with --quick)")
     args = p.parse_args()
     size = dict(QUICK if args.quick else FULL)
-    size.update(count=args.count or size["count"], model=args.model or size["model"], batch=args.batch_size or size["batch"])
+    size.update(count=args.count or size["count"], model=args.model or size["model"],
+                batch=args.batch_size or size["batch"])
     rounds, saves = common.repeats(args), 2 if args.quick else 5
     scratch = tempfile.mkdtemp(prefix="bench-e2e-")
     try:

@@ -21,7 +21,8 @@ import harness
 import torch
 from input_pipeline import photo_data
 
-PRECISIONS = {"fp32": [], "fp16": ["--use_amp", "--amp_dtype", "float16"], "bf16": ["--use_amp", "--amp_dtype", "bfloat16"]}
+PRECISIONS = {"fp32": [], "fp16": ["--use_amp", "--amp_dtype", "float16"],
+              "bf16": ["--use_amp", "--amp_dtype", "bfloat16"]}
 QUICK = dict(model="tiny_cnn", batch_size=4, steps=2, images=20, workers=2, image_size=32, repeats=1)
 TABLE_HEAD = "| configuration | images/s | peak GPU memory (GiB) | warm-up s |\n| --- | --- | --- | --- |"
 
@@ -155,7 +156,8 @@ def main():
     if args.pipelines:
         return
     fp32 = rates["synthetic, fp32"]
-    for label in ("synthetic, fp16", "synthetic, bf16", "synthetic, bf16, channels_last", "synthetic, fp16, channels_last"):
+    for label in ("synthetic, fp16", "synthetic, bf16", "synthetic, bf16, channels_last",
+                  "synthetic, fp16, channels_last"):
         print(f"AMP speed-up over fp32: {label}: {rates[label] / fp32:.2f}x")
 
 

@@ -113,7 +113,8 @@ def photo_data(data_dir, images, batch_size, image_size, device, flags=()):
 
 
 def folder_stats(folder):
-    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files if f.endswith(".jpg")]
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+             for f in files if f.endswith(".jpg")]
     return len(sizes), float(np.mean(sizes))
 
 
@@ -213,7 +214,8 @@ def profile_stages(train_dir, count):
             [size, "baseline: ImageFolder item (decode, RandomResizedCrop, flip, ToTensor, Normalize)",
              per_image(lambda i: folder[i])],
             [size, "baseline transforms alone, on a decoded image", per_image(lambda i: baseline(decoded[i]))],
-            [size, "project: AugmentedImageFolder item (decode, crop, flip; uint8)", per_image(lambda i: project[(1, i)])],
+            [size, "project: AugmentedImageFolder item (decode, crop, flip; uint8)",
+             per_image(lambda i: project[(1, i)])],
             [size, "crop + resize alone: PIL crop, then resize (the project's)",
              per_image(lambda i: decoded[i].crop(edges(i)).resize((size, size), Image.BILINEAR))],
             [size, "crop + resize alone: PIL resize with a box",
@@ -290,7 +292,8 @@ def main():
     title = "Input pipeline: batches from JPEG files and from the image cache"
     common.write_report(args.results_dir, "input_pipeline", title, body, [
         f"Data: {files} JPEGs, mean {mean_bytes / 1024:.0f} KiB ({'reused ' + root if args.data else 'generated'}"
-        f" in {made:.1f} s), 10 classes; batch {batch}, drop_last, shuffled; one pass = {files // batch * batch} images.",
+        f" in {made:.1f} s), 10 classes; batch {batch}, drop_last, shuffled; "
+        f"one pass = {files // batch * batch} images.",
         f"{rounds} timed round(s) after 1 warm-up round; all paths interleaved within a round; persistent workers, "
         "so worker start-up is excluded but each pass's pipeline fill is included.",
         "Every path ends with the same normalised float32 NCHW batch in the main process (the project paths "
@@ -298,7 +301,8 @@ def main():
         "The main process keeps freed memory (distributed.keep_freed_memory), as a training process on a CPU does; "
         "the baseline's workers are forked from it.",
         "The cache paths run in the main process (no workers; on a CPU one reader thread, "
-        "image_cache.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); each is measured once per round and listed in both groups, "
+        "image_cache.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); "
+        "each is measured once per round and listed in both groups, "
         "compared with that group's baseline."])
 
 

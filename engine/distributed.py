@@ -68,10 +68,10 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 def keep_freed_memory():
     """On a CPU: let the C allocator keep freed memory for the next step instead of returning it.
     glibc serves each allocation over 32 MB (a float32 batch of 224 px images, large activations)
-    from a fresh mmap, so every step page-faults those tensors in anew: measured, 5x the time of
-    normalising a batch and about 9% of a ResNet-18 step at 224 px (BENCHMARKS.md), for about 16%
-    more resident memory. Left alone when the user chose (MALLOC_* variables, a preloaded
-    allocator) and where the C library has no mallopt. Returns whether it applied."""
+    from a fresh mmap, so every step page-faults those tensors in anew (the cost and the extra
+    resident memory: BENCHMARKS.md, "CPU training keeps freed memory"). Left alone when the user
+    chose (MALLOC_* variables, a preloaded allocator) and where the C library has no mallopt.
+    Returns whether it applied."""
     if "LD_PRELOAD" in os.environ or any(name.startswith("MALLOC_") for name in os.environ):
         return False
     try:

@@ -7,8 +7,8 @@ samples are drawn, so:
 - the file path (a loader worker's batch, or one item), the cache path and --decode_on_device
   (a batch per call) apply the same crops to the same sample;
 - a resumed run draws the crops the uninterrupted one would have drawn;
-- a batch's boxes are a few numpy operations, not a Python generator per sample (that loop held
-  the GIL 2.4 ms per 256 samples on the GPU cache path, beside the thread launching the kernels).
+- a batch's boxes are a few numpy operations, not a Python generator per sample, which held the
+  GIL beside the thread launching the kernels (BENCHMARKS.md, "Crop draws").
 
 The draw follows RandomResizedCrop.get_params: TRIES candidate (area, log aspect) pairs, the first
 one that fits is kept; when none fits, the largest central crop within CROP_RATIO.

@@ -6,7 +6,7 @@ per-process batch × processes, and rank r takes every processes-th position fro
 DistributedSampler would. An optimizer step takes `accumulation` rows, so global step s consumes
 positions [s·G, (s+1)·G), G = R × accumulation, on any number of processes. A run's progress is
 therefore a position in that sequence, and a resume on another world size or per-process batch
-continues at exactly the next sample when G is kept (training.resolve_accumulation keeps it).
+continues at exactly the next sample when G is kept (resume.keep_global_batch keeps it).
 
 The epoch has no padding: it trains its whole rows, up to --limit_train_batches of them, and
 the rest of the permutation waits for the next epoch's shuffle (as drop_last does).

@@ -379,7 +379,9 @@ def test_run_state_end_epoch_decides_best_early_stopping_and_top_k():
     args = SimpleNamespace(monitor_metric="val_loss", early_stopping_min_delta=0.1, save_top_k=1,
                            early_stopping_patience=2)
     state = RunState()
-    record = lambda epoch, acc: dict(dict.fromkeys(HISTORY_KEYS, 0), epoch=epoch, val_acc=acc)
+    def record(epoch, acc):
+        return dict(dict.fromkeys(HISTORY_KEYS, 0), epoch=epoch, val_acc=acc)
+
     assert state.end_epoch(record(1, 50.0), 1.0, args) == (
         ["checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_epoch001.pth"], [])
     # Better, but by less than min_delta: best checkpoint and top-k move, early stopping counts it stale.

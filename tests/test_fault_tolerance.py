@@ -37,7 +37,9 @@ def assert_same_run(a_path, b_path):
     for key in ("model_state_dict", "scheduler_state_dict", "scaler_state_dict"):
         assert_equal_nested(a[key], b[key], key)
     assert_equal_nested(a["optimizer_state_dict"], b["optimizer_state_dict"], "optimizer")
-    strip = lambda h: {k: v for k, v in h.items() if k not in TIMING_KEYS}
+    def strip(h):
+        return {k: v for k, v in h.items() if k not in TIMING_KEYS}
+
     assert strip(a["history"]) == strip(b["history"])
     assert a["epoch"] == b["epoch"] and a["best_acc"] == b["best_acc"]
 

@@ -141,7 +141,9 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_optimizer_state(tiny_
     straight = torch.load(f"{tmp_path}/straight/checkpoints/checkpoint_latest.pth")
     assert resumed["epoch"] == 3 and resumed["history"]["epoch"] == [1, 2, 3]
     assert_same_weights(resumed["model_state_dict"], straight["model_state_dict"], exact=True)
-    step = lambda ckpt: int(next(iter(ckpt["optimizer_state_dict"]["state"].values()))["step"])
+    def step(ckpt):
+        return int(next(iter(ckpt["optimizer_state_dict"]["state"].values()))["step"])
+
     assert step(resumed) == step(straight) == step(first_leg) * 3 // 2
 
 
