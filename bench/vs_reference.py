@@ -7,8 +7,8 @@ the path does not exist, the script prints one line saying what to pass and exit
 
 Data: input_pipeline.make_dataset's photo-like 500x375 JPEGs (default 960 training, 160
 validation, 10 classes; --quick: 64 and 16 at 160x120). Its photos do not depend on their class,
-so each photo is then given its class's colour cast (blended at TINT, re-saved as JPEG quality 90): the classes become learnable
-and the final top-1 accuracy means something. Both programs read the same folders.
+so each photo is then given its class's colour cast (blended at TINT, re-saved as JPEG quality
+90): the classes become learnable and the final top-1 accuracy means something. Both programs read the same folders.
 
 Runs, each a fresh `python -m torch.distributed.run --standalone --nproc_per_node=2 ...`:
 
