@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 
+from core import cli
 from core.errors import ConfigError
 
 # The smallest --image_size of models a dry forward pass would otherwise judge only on the ranks
@@ -32,10 +33,11 @@ DEMO_DEFAULTS = dict(epochs=6, image_size=32, batch_size=32, learning_rate=2e-3,
                      hflip_prob=0.0, num_workers=1, warmup_steps=20)
 
 
-class Parser(argparse.ArgumentParser):
-    """A mistake in the flags is a ConfigError (one `error:` line from the caller, exit 2), not
-    argparse's usage text; a misspelt flag names the closest real one."""
+class Parser(cli.Parser):
+    """The commands' parser (cli.Parser) for the training flags: a mistake is a ConfigError (one
+    `error:` line from the caller, exit 2), and a misspelt flag names the closest real one."""
 
+    user_error = ConfigError
     other_flags = ()  # flags a wrapping command line takes besides these (launch_ddp.py's own)
 
     def parse_args(self, args=None, namespace=None):
@@ -43,9 +45,6 @@ class Parser(argparse.ArgumentParser):
         if unknown:
             self.error(unrecognized(unknown, [*self._option_string_actions, *self.other_flags]))
         return namespace
-
-    def error(self, message):
-        raise ConfigError(message)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -101,7 +100,8 @@ def add_data_flags(data):
                       help=f"train on scikit-learn's handwritten digits, written once as PNGs to {DEMO_DIR}; "
                            "sets the demo recipe for any flag not given")
     data.add_argument("--image_size", type=int, default=None,
-                      help="training and evaluation crop size in pixels (default 224, or the --pretrained weights' own)")
+                      help="training and evaluation crop size in pixels (default 224, or the --pretrained "
+                           "weights' own)")
     data.add_argument("--resize_size", type=int, default=None,
                       help="evaluation: the shorter side is resized to this, then center-cropped to image_size "
                            "(default image_size / 0.875, or the --pretrained weights' ratio)")
@@ -141,7 +141,8 @@ def add_model_flags(model):
                             "or tiny_cnn; its head is replaced for the dataset's classes")
     model.add_argument("--sync_bn", action="store_true",
                        help="SyncBatchNorm across processes (CUDA only; ignored with a note on CPU)")
-    model.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
+    model.add_argument("--channels_last", action="store_true",
+                       help="channels_last memory format (faster convs on GPUs)")
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the training model; checkpoints still load into an uncompiled model")
     model.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
@@ -157,7 +158,8 @@ def add_optimisation_flags(optim):
     optim.add_argument("--epochs", type=int, default=50, help="number of training epochs")
     optim.add_argument("--batch_size", type=int, default=32, help="batch size per process")
     optim.add_argument("--learning_rate", type=float, default=0.001, help="peak learning rate")
-    optim.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer (fused implementation)")
+    optim.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                       help="optimizer (fused implementation)")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
@@ -208,8 +210,10 @@ def add_debugging_flags(debug):
                        help="one train and one val batch per process, no checkpoint or log files, then exit")
     debug.add_argument("--overfit_batches", type=int, default=0,
                        help="train and validate on the same N batches (fixed images, no augmentation)")
-    debug.add_argument("--limit_train_batches", type=int, default=0, help="at most N training batches per epoch (0: all)")
-    debug.add_argument("--limit_val_batches", type=int, default=0, help="at most N validation batches per process (0: all)")
+    debug.add_argument("--limit_train_batches", type=int, default=0,
+                       help="at most N training batches per epoch (0: all)")
+    debug.add_argument("--limit_val_batches", type=int, default=0,
+                       help="at most N validation batches per process (0: all)")
     debug.add_argument("--trace_samples", action="store_true",
                        help="record which dataset indices each rank trains at every optimizer step, in "
                             "log_dir/sample_trace/rank<R>.jsonl (resumed runs append)")
@@ -230,9 +234,10 @@ def add_output_flags(output):
     output.add_argument("--save_top_k", type=int, default=0,
                         help="also keep the K best checkpoints by --monitor_metric as checkpoint_epochNNN.pth")
     output.add_argument("--checkpoint_dir", default="checkpoints",
-                        help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here; a new run first moves an "
-                             "earlier run's checkpoint_* files to previous/<when it ended>/")
-    output.add_argument("--log_dir", default="logs", help="training_history.json and config.json go here (an earlier run's logs move to "
+                        help="checkpoint_latest.pth (every epoch) and checkpoint_best.pth go here; a new run first "
+                             "moves an earlier run's checkpoint_* files to previous/<when it ended>/")
+    output.add_argument("--log_dir", default="logs",
+                        help="training_history.json and config.json go here (an earlier run's logs move to "
                              "previous/<when it ended>/)")
     output.add_argument("--resume", default=None, metavar="PATH", help="continue training from this checkpoint")
     output.add_argument("--reset_optimizer", action="store_true",
@@ -250,9 +255,9 @@ def add_output_flags(output):
                         help="also write checkpoint_latest.pth every N optimizer steps (0: once per epoch); "
                              "a resume continues at the exact next batch")
     output.add_argument("--log_every_steps", type=int, default=10,
-                        help="every N optimizer steps (and at each epoch's first step, on the bar): progress-bar and logger metrics (a host sync on rank 0); "
-                             "stop decisions (signals, non-finite streak) have their own cadence, about every "
-                             "0.25 s of training")
+                        help="every N optimizer steps (and at each epoch's first step, on the bar): progress-bar "
+                             "and logger metrics (a host sync on rank 0); stop decisions (signals, non-finite "
+                             "streak) have their own cadence, about every 0.25 s of training")
     output.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (rank 0)")
     output.add_argument("--wandb_project", default="ddp-classify", help="WandB project")
     output.add_argument("--wandb_name", default=None, help="WandB run name")
@@ -280,6 +285,25 @@ def parse_args(argv=None, other_flags=()):
         fill_preprocessing(args)
         check_preprocessing(args)
     return args
+
+
+class Settled(argparse.Namespace):
+    """A run's flags once every value derived from them is resolved (engine.training.settle), read-only
+    from then on: what runs is what logs/config.json and the checkpoints record. vars() gives the
+    values, for those files; `replaced` gives a settled copy with some values changed."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)  # Namespace.__init__ would go through the refused setattr
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the run's configuration is settled: --{name} cannot change after "
+                             "engine.training.settle (derive the value there)")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+    def replaced(self, **changes):
+        return Settled(**{**vars(self), **changes})
 
 
 def default_num_workers(local_processes):
@@ -402,9 +426,9 @@ def validate_args(args):
         raise ConfigError(f"--dist_timeout_minutes must be in (0, 1440], got {args.dist_timeout_minutes}")
     if not 0 < args.backbone_lr_scale <= 1000:
         raise ConfigError(f"--backbone_lr_scale must be in (0, 1000], got {args.backbone_lr_scale}")
-    for name in ("freeze_backbone_epochs", "weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps", "momentum", "overfit_batches",
-                 "limit_train_batches", "limit_val_batches", "num_sanity_val_steps", "early_stopping_patience",
-                 "early_stopping_min_delta", "save_top_k"):
+    for name in ("freeze_backbone_epochs", "weight_decay", "max_grad_norm", "warmup_steps", "save_every_steps",
+                 "momentum", "overfit_batches", "limit_train_batches", "limit_val_batches", "num_sanity_val_steps",
+                 "early_stopping_patience", "early_stopping_min_delta", "save_top_k"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:

@@ -11,7 +11,6 @@ Output: data/train/<class>/..., data/val/<class>/..., data/test/<class>/...
         image when --val_ratio > 0 (a class of one image is then refused). The output
         is written beside --output_dir and moved into place when complete.
 """
-import argparse
 import hashlib
 import os
 import random
@@ -21,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.cli import Parser, run_command
+from core.errors import UsageError
 from inputs.folders import find_files
 
 RATIO_TOLERANCE = 1e-6
@@ -126,7 +127,7 @@ def print_table(splits, files_by_class):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--input_dir", required=True, help="folder of class sub-folders")
     p.add_argument("--output_dir", required=True, help="where train/ val/ (test/) go")
     p.add_argument("--train_ratio", type=float, required=True)
@@ -210,35 +211,29 @@ def outermost_missing(path):
     return missing
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def main(argv=None):
+def run(argv):
     args = parse_args(argv)
     problem = ratio_error(args.train_ratio, args.val_ratio, args.test_ratio)
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
     extensions = parse_extensions(args.image_extensions)
     if not extensions:
-        return fail("--image_extensions is empty")
+        raise UsageError("--image_extensions is empty")
 
     input_dir = Path(args.input_dir).resolve()
     output_dir = Path(args.output_dir).resolve()
     if not input_dir.is_dir():
-        return fail(f"--input_dir {args.input_dir} does not exist or is not a folder")
+        raise UsageError(f"--input_dir {args.input_dir} does not exist or is not a folder")
     problem = check_output_dir(input_dir, output_dir)
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
     files_by_class, skipped = find_images(input_dir, extensions)
     for warning in skipped:
         print(f"warning: {warning}", file=sys.stderr)
     if not files_by_class:
-        return fail(f"--input_dir {args.input_dir} has no class sub-folders")
+        raise UsageError(f"--input_dir {args.input_dir} has no class sub-folders")
     if not any(files_by_class.values()):
-        return fail(f"no files with extensions {','.join(sorted(extensions))} "
-                    f"found under {args.input_dir}")
+        raise UsageError(f"no files with extensions {','.join(sorted(extensions))} found under {args.input_dir}")
 
     for class_name, files in files_by_class.items():
         if not files:
@@ -249,7 +244,7 @@ def main(argv=None):
                          args.test_ratio, args.seed)
     problem = classes_without_val(splits, args.val_ratio)
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
@@ -265,7 +260,10 @@ def main(argv=None):
     verb = "linked" if args.mode == "symlink" else "copied"
     print(f"{verb} files into {output_dir} (seed {args.seed})")
     print_table(splits, files_by_class)
-    return 0
+
+
+def main(argv=None):
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ normalisation gives the same logits.
 
 Metadata (class_names, model_name, weights, image_size, resize_size, mean, std, input, output)
 goes into the file itself, in ONNX's metadata_props (each value JSON-encoded) or TorchScript's
-extra file `metadata.json`, and into a sidecar `<output>.json`. Both files are written under
-temporary names and renamed, so a failed export leaves no partial file. They never replace the
-checkpoint itself (under whatever name), nor, without --overwrite, a file that no export wrote.
+extra file `metadata.json`, and into a sidecar `<output>.json`. Both files are written durably
+under temporary names and renamed (core.files), so a failed export leaves no partial file. They
+never replace the checkpoint itself (under whatever name), nor, without --overwrite, a file that no
+export wrote.
 
 ONNX uses torch's default (dynamo) exporter, which needs the `onnx` and `onnxscript` packages
 (requirements-dev.txt). TorchScript uses torch.jit.trace: torch deprecates TorchScript, but it
@@ -23,18 +24,18 @@ still loads with a bare `torch.jit.load` and no project code.
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 import zipfile
 
 import torch
 
-from core.errors import CheckpointError, ModelError
+from core.cli import Parser, run_command
+from core.errors import CheckpointError, ModelError, UsageError, first_line
+from core.files import atomic_path, write_json_atomic
 from dataset import normalization_constants
-from engine.checkpoint import checkpoint_preprocessing, first_line, load_checkpoint
-from predict import Parser, UsageError, load_model
+from engine.checkpoint import checkpoint_preprocessing, load_checkpoint
+from model import checkpoint_model_name, model_from_checkpoint
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 TORCHSCRIPT_METADATA_FILE = "metadata.json"
@@ -126,7 +127,7 @@ def export_metadata(checkpoint, weights):
     image_size = preprocessing["image_size"]
     return dict(
         class_names=list(checkpoint["class_names"]),
-        model_name=checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18"),
+        model_name=checkpoint_model_name(checkpoint),
         weights=weights, **preprocessing,
         input=f"uint8 RGB, NCHW, N x 3 x {image_size} x {image_size}: the shorter side resized to resize_size, "
               "then center-cropped; mean/std are applied inside the model (on 0-1 scaled pixels)",
@@ -172,47 +173,39 @@ WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript}
 
 
 def export(checkpoint, export_format, weights, output):
-    """Write the exported model to `output` and its metadata to `output`.json. Both are written in a
-    temporary folder beside `output` (an unwritable place fails before the export) and renamed into
-    place, so a failure leaves no partial file."""
+    """Write the exported model to `output` and its metadata to `output`.json, each durably under a
+    temporary name and then renamed into place (core.files.atomic_path), so a failure leaves no
+    partial file. The model's temporary file is created first: an unwritable place fails before
+    the export's work."""
     if weights == "ema" and "ema_state_dict" not in checkpoint:
         raise CheckpointError("--weights ema: the checkpoint has no EMA weights (it was trained without "
                               "--use_ema); use --weights model")
     metadata = export_metadata(checkpoint, weights)
-    model = NormalizingClassifier(load_model(checkpoint, weights, torch.device("cpu")), metadata["mean"],
-                                  metadata["std"]).eval()
-    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output)))
-    try:
-        staged_model = os.path.join(staging, "model")
-        staged_metadata = os.path.join(staging, "metadata.json")
+    model = NormalizingClassifier(model_from_checkpoint(checkpoint, weights), metadata["mean"], metadata["std"]).eval()
+    with atomic_path(output) as staged_model:
+        open(staged_model, "wb").close()
         with torch.no_grad():
             WRITERS[export_format](model, example_images(metadata["image_size"], EXPORT_BATCH), metadata,
                                    staged_model)
-        with open(staged_metadata, "w") as f:
-            json.dump(metadata, f, indent=1)
-        os.replace(staged_model, output)
-        os.replace(staged_metadata, output + ".json")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(output + ".json", metadata, indent=1)
     return metadata
 
 
-def main(argv=None):
+def run(argv):
+    args = build_parser().parse_args(argv)
+    output = args.output or default_output(args.checkpoint, args.format)
+    check_output(args.checkpoint, output, args.format, args.overwrite)
+    checkpoint = load_checkpoint(args.checkpoint)
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        output = args.output or default_output(args.checkpoint, args.format)
-        check_output(args.checkpoint, output, args.format, args.overwrite)
-        checkpoint = load_checkpoint(args.checkpoint)
         metadata = export(checkpoint, args.format, args.weights, output)
-    except (UsageError, CheckpointError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a missing or read-only folder, a full disk
-        print(f"error: cannot write {output}: {exc.strerror or first_line(exc)}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # a missing or read-only folder, a full disk: one line naming the output
+        raise OSError(f"cannot write {output}: {exc.strerror or first_line(exc)}") from None
     print(f"exported {metadata['model_name']} ({len(metadata['class_names'])} classes, {args.weights} weights) "
           f"to {output}, metadata in {output}.json")
-    return 0
+
+
+def main(argv=None):
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

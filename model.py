@@ -1,7 +1,10 @@
-"""Models: the seeds' ResNet18Animals90 and a builder for any torchvision classifier.
+"""Models: the seeds' ResNet18Animals90, a builder for any torchvision classifier, and the
+trained model of a checkpoint (predict.py, export.py and resume load weights the same way).
 
 `ResNet18Animals90` subclasses torchvision's ResNet, so its state dict has torchvision's plain
-key names (`conv1.weight`, ..., `fc.weight`) and the seeds' loading snippet works verbatim.
+key names (`conv1.weight`, ..., `fc.weight`) and the seeds' loading snippet works verbatim. The
+wrappers a model is trained in (DDP, torch.compile) are taken off here too: `unwrap` for the
+module, `strip_wrapper_prefixes` for a state dict.
 """
 import os
 import socket
@@ -13,11 +16,25 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from config import image_size_too_small
-from core.errors import ModelError
-from engine.checkpoint import first_line, strip_wrapper_prefixes
+from core.errors import CheckpointError, ModelError, first_line
 
 # The file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads into torch.hub's cache.
 RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting order."""
+    def clean(key):
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+    return {clean(k): v for k, v in state_dict.items()}
 
 
 def load_weights_file(path):
@@ -154,6 +171,41 @@ def build_model(name, num_classes, pretrained_weights=None):
     if pretrained_weights:
         load_backbone_weights(model, load_weights_file(pretrained_weights), pretrained_weights)
     return model
+
+
+def checkpoint_model_name(checkpoint):
+    """The --model of a loaded checkpoint (engine.checkpoint.load_checkpoint); older checkpoints
+    have it only in their config."""
+    return checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18")
+
+
+def trained_weights(checkpoint, weights="model"):
+    """A loaded checkpoint's state dict of the trained weights ("model") or of their exponential
+    moving average ("ema"), with the model's own key names."""
+    if weights == "model":
+        return checkpoint["model_state_dict"]
+    # An AveragedModel's state dict wraps the model in `module.` and counts its updates.
+    state = strip_wrapper_prefixes(checkpoint["ema_state_dict"])
+    state.pop("n_averaged", None)
+    return state
+
+
+def load_trained_weights(model, checkpoint, weights="model"):
+    """Load a checkpoint's weights (trained_weights) into a built, unwrapped model; weights of
+    another architecture are a CheckpointError naming the model."""
+    try:
+        model.load_state_dict(trained_weights(checkpoint, weights))
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's weights do not fit a '{checkpoint_model_name(checkpoint)}' "
+                              f"model: {first_line(exc)}") from None
+
+
+def model_from_checkpoint(checkpoint, weights="model"):
+    """The trained model of a loaded checkpoint, on the CPU in eval mode: built as the checkpoint
+    names it, for its classes, with its `weights` ("model" or "ema")."""
+    model = build_model(checkpoint_model_name(checkpoint), len(checkpoint["class_names"]))
+    load_trained_weights(model, checkpoint, weights)
+    return model.eval()
 
 
 # The size torchvision's classifiers are built for: a model that fails here too is not judged.

@@ -5,7 +5,6 @@
 Images take training's validation path (load_eval, normalize), so a validation image gets the
 logits `evaluate` computed for it. An unreadable image is reported and listed with its error.
 """
-import argparse
 import csv
 import json
 import os
@@ -16,20 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
-from core.errors import CheckpointError, ModelError
+from core.cli import Parser, run_command
+from core.errors import UsageError, first_line
 from dataset import load_eval, normalize
-from engine.checkpoint import checkpoint_preprocessing, first_line, load_checkpoint, strip_wrapper_prefixes
+from engine.checkpoint import checkpoint_preprocessing, load_checkpoint
 from inputs.folders import find_files
-from model import build_model
-
-
-class UsageError(ValueError):
-    """Bad flags or inputs: reported as one `error:` line and exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage dump, like the other errors
-        raise UsageError(message)
+from model import model_from_checkpoint
 
 
 def build_parser(with_ema):
@@ -85,20 +76,6 @@ def find_images(inputs):
     if not paths:
         raise UsageError(f"no images found in {', '.join(inputs)} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return paths
-
-
-def load_model(checkpoint, weights, device):
-    name = checkpoint.get("model_name") or checkpoint["config"].get("model", "resnet18")
-    model = build_model(name, len(checkpoint["class_names"]))
-    state = checkpoint["model_state_dict"]
-    if weights == "ema":  # an AveragedModel's state dict wraps the model in `module.` and counts updates
-        state = strip_wrapper_prefixes(checkpoint["ema_state_dict"])
-        state.pop("n_averaged", None)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint's weights do not fit a '{name}' model: {first_line(exc)}") from None
-    return model.to(device).eval()
 
 
 class ImageFiles(Dataset):
@@ -180,21 +157,20 @@ def as_text_cell(text):
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
+def run(argv):
+    args, checkpoint = parse_args(argv)
+    paths = find_images(args.inputs)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    # load_checkpoint maps to the CPU; the model then moves to the chosen device once.
+    model = model_from_checkpoint(checkpoint, getattr(args, "weights", "model")).to(device)
+    results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device)
+    print_table(results)
+    if args.output:
+        write_output(results, args.output)  # an unwritable --output: one error line (cli.run_command)
+
+
 def main(argv=None):
-    try:
-        args, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
-        paths = find_images(args.inputs)
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        # load_checkpoint maps to the CPU; the model then moves to the chosen device once.
-        model = load_model(checkpoint, getattr(args, "weights", "model"), device)
-        results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device)
-        print_table(results)
-        if args.output:
-            write_output(results, args.output)
-    except (UsageError, CheckpointError, ModelError, OSError) as exc:  # OSError: --output not writable
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,13 @@ from torch.distributed.elastic.multiprocessing.errors import record as record_er
 from tqdm import tqdm
 
 from core.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError
+from core.files import remove_quietly, write_json_atomic
 from engine.checkpoint import (
     RunState,
-    check_resumable,
     load_checkpoint,
-    remove_quietly,
     rng_state,
     set_aside_previous_run,
     top_k_filename,
-    unwrap,
     write_checkpoints,
 )
 from engine.distributed import (
@@ -49,10 +47,10 @@ from engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from engine.metrics import EpochSums, class_report, evaluate, evaluate_classes, to_model_input
-from engine.resume import plan_resume, restart_parts
-from engine.training import build_data, build_training, enter_epoch
-from utils import write_json_atomic
+from engine.metrics import EpochSums, class_report, evaluate, evaluate_classes
+from engine.resume import resume_run
+from engine.training import build_data, build_training, enter_epoch, settle
+from model import unwrap
 
 
 @record_errors  # torchrun's failure summary then names the failing rank's error
@@ -92,22 +90,20 @@ def report_error(exc, rank, exit_code=2, consequence=False):
 
 def train(args, ctx, stop):
     began = time.perf_counter()
+    resume_path, checkpoint = find_checkpoint_to_resume(args)
+    args, plan = settle(args, ctx, checkpoint, resume_path)  # read-only from here
     data = build_data(args, ctx)
-    resume_path, checkpoint = find_checkpoint_to_resume(args, data.class_names)
-    reset, changes = plan_resume(checkpoint, resume_path, args, ctx.world_size) if checkpoint else (set(), [])
-    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
-    start_afresh(args, ctx, resume_path)
+    args = start_afresh(args, ctx, resume_path)
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop,
                               resuming=checkpoint is not None)
-    state = RunState.restore(checkpoint, training, ctx.rank, reset) if checkpoint else RunState()
+    state = resume_run(checkpoint, training, ctx.rank, plan, args) if checkpoint else RunState()
     if checkpoint:
-        restart_parts(training, state, reset, args)
-        main_print(ctx, describe_resume(resume_path, state, changes))
+        main_print(ctx, describe_resume(resume_path, state, plan.notes))
     state.global_batch = args.batch_size * ctx.world_size * args.gradient_accumulation_steps
     main_print(ctx, describe_setup(data, training, args, ctx))
     if args.num_sanity_val_steps and state.epoch == 0 and state.step == 0:
-        evaluate(unwrap(training.model), data.val_loader, data.val_size, training, args, ctx,
-                 max_batches=args.num_sanity_val_steps)
+        evaluate(unwrap(training.model), data.val_loader, data.val_size, training, ctx, args.batch_size,
+                 args.use_amp, max_batches=args.num_sanity_val_steps)
         main_print(ctx, f"Sanity check: validation ran on up to {args.num_sanity_val_steps} batch(es) per process.")
 
     stop.defer()  # from here a signal stops the run at a joint check, after a checkpoint
@@ -146,16 +142,14 @@ def train(args, ctx, stop):
     return exit_code
 
 
-def find_checkpoint_to_resume(args, class_names):
+def find_checkpoint_to_resume(args):
     """(path, checkpoint) of --resume, or of checkpoint_latest.pth with --auto_resume when there is
-    one, checked against this run's classes and model before anything is built; else (None, None)."""
+    one, loaded (settle checks it against this run's classes and flags); else (None, None)."""
     latest = os.path.join(args.checkpoint_dir, "checkpoint_latest.pth")
     path = args.resume or (latest if args.auto_resume and os.path.exists(latest) else None)
     if path is None:
         return None, None
-    checkpoint = load_checkpoint(path)
-    check_resumable(checkpoint, path, class_names, args.model)
-    return path, checkpoint
+    return path, load_checkpoint(path)
 
 
 def start_afresh(args, ctx, resume_path):
@@ -163,11 +157,12 @@ def start_afresh(args, ctx, resume_path):
     and --log_dir (checkpoints, exports of them, history, config) move to previous/<when it ended>/
     there, before this run writes anything, and one line says where. Nothing moves when this run
     continues the one in checkpoint_dir (resumes from there), in a torchrun restart (those files are
-    this job's own: its first attempt moved the others aside) or with --fast_dev_run (writes nothing)."""
+    this job's own: its first attempt moved the others aside) or with --fast_dev_run (writes nothing).
+    Returns the settled configuration, with --pretrained_weights where they moved if they did."""
     continuing = resume_path is not None and (os.path.realpath(os.path.dirname(os.path.abspath(resume_path)))
                                               == os.path.realpath(args.checkpoint_dir))
     if continuing or args.fast_dev_run or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
-        return
+        return args
     moved, error = {}, None
     if ctx.is_main:
         try:
@@ -178,7 +173,7 @@ def start_afresh(args, ctx, resume_path):
     if error:
         raise CheckpointError(error)
     if not moved:
-        return
+        return args
     places = " and ".join(sorted({os.path.dirname(new) + "/" for new in moved.values()}))
     note = f"Note: this is a new run, so the previous run's files moved to {places}"
     latest = moved.get(os.path.join(args.checkpoint_dir, "checkpoint_latest.pth"))
@@ -186,9 +181,10 @@ def start_afresh(args, ctx, resume_path):
         note += f" (to continue that run instead: --resume {latest})"
     relocated = {os.path.abspath(old): new for old, new in moved.items()}
     if args.pretrained_weights and os.path.abspath(args.pretrained_weights) in relocated:
-        args.pretrained_weights = relocated[os.path.abspath(args.pretrained_weights)]  # read them where they went
+        args = args.replaced(pretrained_weights=relocated[os.path.abspath(args.pretrained_weights)])  # read there
         note += f"; --pretrained_weights now reads {args.pretrained_weights}"
     main_print(ctx, note)
+    return args
 
 
 def train_one_epoch(training, data, epoch, state, args, ctx):
@@ -251,8 +247,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
 
 def forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx):
     """One micro-batch: forward under autocast, scaled backward, running sums. Returns the loss."""
-    images = to_model_input(images, ctx.device, training)
-    labels = labels.to(ctx.device, non_blocking=True)
+    images, labels = training.stage.train_batch(images, labels)
     # DDP decides whether to all-reduce during forward, so forward and backward both sit in no_sync.
     skip_sync = training.model.no_sync() if not is_update and ctx.distributed else nullcontext()
     with skip_sync:
@@ -331,11 +326,12 @@ def validate(training, data, epoch, sums, args, ctx):
     a signal meanwhile (the epoch's training is then saved as done)."""
     model = unwrap(training.model)
     broadcast_buffers(model)  # evaluate and save the statistics rank 0 saves
-    evaluated = [evaluate_classes(model, data.val_loader, data.val_size, training, args, ctx, stop=training.stop)]
+    evaluated = [evaluate_classes(model, data.val_loader, data.val_size, training, ctx, args.batch_size, args.use_amp,
+                                  args.limit_val_batches, stop=training.stop)]
     if training.ema is not None and evaluated[0] is not None:
         broadcast_buffers(training.ema.module)  # each rank averaged its own batch statistics
-        evaluated.append(evaluate_classes(training.ema.module, data.val_loader, data.val_size, training, args, ctx,
-                                          stop=training.stop))
+        evaluated.append(evaluate_classes(training.ema.module, data.val_loader, data.val_size, training, ctx,
+                                          args.batch_size, args.use_amp, args.limit_val_batches, stop=training.stop))
     if None in evaluated:
         return None, None
     record = dict(epoch=epoch, **sums.epoch_totals(), **evaluated[0].metrics("val_"))

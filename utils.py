@@ -4,24 +4,11 @@
 `python utils.py --confusion logs/best_per_class.json --output confusion.png` draws the best
 checkpoint's confusion matrix.
 """
-import argparse
 import json
-import os
 import sys
 
-
-def write_json_atomic(path, data):
-    """Write JSON to a temp file beside `path` and rename it in, so readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:  # unserialisable data, a full disk, a stop signal: the old file stays
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from core.cli import Parser, run_command
+from core.errors import UsageError
 
 
 def new_history():
@@ -152,17 +139,25 @@ def plot_confusion(names, counts, epoch, output):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot a training history, or the best checkpoint's confusion "
-                                                 "matrix, written by train_ddp.py.")
+def run(argv):
+    parser = Parser(description="Plot a training history, or the best checkpoint's confusion matrix, written by "
+                                "train_ddp.py.")
     parser.add_argument("--history", default="logs/training_history.json", help="history JSON file")
     parser.add_argument("--confusion", help="draw this per-class JSON (logs/best_per_class.json) instead")
     parser.add_argument("--output", help="PNG file to write (default curves.png, or confusion.png with --confusion)")
     args = parser.parse_args(argv)
     if args.confusion:
         return draw_confusion(args.confusion, args.output or "confusion.png")
+    history = read_history(args.history)
+    output = args.output or "curves.png"
+    plot_history(history, output)
+    print(f"wrote {output} ({len(history['epoch'])} epochs)")
+
+
+def read_history(path):
+    """A training_history.json's per-epoch lists; a UsageError says what is wrong with the file."""
     try:
-        with open(args.history) as f:
+        with open(path) as f:
             history = json.load(f)
         if not isinstance(history, dict):
             raise ValueError("expected a JSON object of per-epoch lists")
@@ -170,23 +165,21 @@ def main(argv=None):
         if missing:
             raise ValueError(f"missing keys {missing}")
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read history {args.history}: {exc}", file=sys.stderr)
-        return 2
-    output = args.output or "curves.png"
-    plot_history(history, output)
-    print(f"wrote {output} ({len(history['epoch'])} epochs)")
-    return 0
+        raise UsageError(f"cannot read history {path}: {exc}") from None
+    return history
 
 
 def draw_confusion(path, output):
     try:
         names, counts, epoch = read_confusion(path)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read confusion matrix {path}: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot read confusion matrix {path}: {exc}") from None
     plot_confusion(names, counts, epoch, output)
     print(f"wrote {output} ({len(names)} classes)")
-    return 0
+
+
+def main(argv=None):
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -52,14 +52,14 @@ def lightning_worker(default_root_dir, train_flags):
 
     from config import parse_args
     from dataset import normalize
-    from engine.training import build_data
+    from engine.training import build_data, settle
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    args = parse_args(["--demo", "--checkpoint_dir", default_root_dir, "--log_dir", default_root_dir,
-                       "--gradient_accumulation_steps", "1", *train_flags])
     ctx = harness.one_process(torch.device("cpu"))
+    args, _ = settle(parse_args(["--demo", "--checkpoint_dir", default_root_dir, "--log_dir", default_root_dir,
+                                 "--gradient_accumulation_steps", "1", *train_flags]), ctx)
     data = build_data(args, ctx)
     training = harness.project_training(args, data, ctx)
     sampler = data.train_loader.sampler

@@ -36,7 +36,7 @@ def measure(flags, size, batch, count, epochs):
     warnings.filterwarnings("ignore", message=".*bfloat16.*")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = harness.synthetic_images(count, size)
-    args = harness.bench_args("resnet18", batch, size, flags)
+    args = harness.bench_args("resnet18", batch, size, flags, device)
     run = harness.project_loop(args, harness.in_memory_data(images, labels, batch, device), device)
     rates = [run() for _ in range(epochs + 1)][1:]
     if device.type == "cuda":

@@ -142,7 +142,7 @@ def main():
     configurations, rates = synthetic_configurations(args), {}
     for label, flags in configurations.items():
         data = harness.loader_data(harness.DeviceBatches(bs, size, args.steps, device), bs * args.steps)
-        run_args = harness.bench_args(args.model, bs, size, flags)
+        run_args = harness.bench_args(args.model, bs, size, flags, device)
         rates[label] = measure(label, lambda: harness.project_loop(run_args, data, device), device, args.repeats)
     if args.compile:
         return

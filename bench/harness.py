@@ -19,7 +19,7 @@ from config import parse_args  # noqa: E402
 from dataset import normalize, train_sampler  # noqa: E402
 from engine.checkpoint import RunState  # noqa: E402
 from engine.distributed import DistContext  # noqa: E402
-from engine.training import Data, build_training  # noqa: E402
+from engine.training import Data, build_training, settle  # noqa: E402
 from fastload.image_cache import CachedBatches  # noqa: E402
 from model import build_model  # noqa: E402
 from train_ddp import train_one_epoch  # noqa: E402
@@ -31,13 +31,15 @@ def synthetic_images(count, size, classes=10, seed=0):
     return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), rng.integers(0, classes, count)
 
 
-def bench_args(model_name, batch_size, image_size, flags=()):
-    """train_ddp's flags for a benchmark run: a constant learning rate (every epoch alike), seed 0
-    (the bare loop's initial weights), one micro-batch per optimizer step, one log point per epoch;
-    `flags` add or override."""
-    return parse_args(["--model", model_name, "--batch_size", str(batch_size), "--image_size", str(image_size),
+def bench_args(model_name, batch_size, image_size, flags=(), device=torch.device("cpu")):
+    """train_ddp's settled configuration (training.settle) for a benchmark run on `device` (which
+    the AMP dtype depends on): a constant learning rate (every epoch alike), seed 0 (the bare
+    loop's initial weights), one micro-batch per optimizer step, one log point per epoch; `flags`
+    add or override."""
+    args = parse_args(["--model", model_name, "--batch_size", str(batch_size), "--image_size", str(image_size),
                        "--epochs", "1000000", "--log_every_steps", "1000000", "--lr_scheduler", "none",
                        "--seed", "0", "--gradient_accumulation_steps", "1", *flags])
+    return settle(args, one_process(device))[0]
 
 
 def one_process(device):
@@ -59,7 +61,8 @@ def in_memory_data(images, labels, batch_size, device, augment=False, image_size
 
 
 def project_training(args, data, ctx):
-    """The run train_ddp.py would build for `args`, by its own builder (training.build_training)."""
+    """The run train_ddp.py would build for `args` (settled: bench_args), by its own builder
+    (training.build_training)."""
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader))
     # Ctrl-C ends a benchmark at once: undo the run's StopRequest handlers, which would stop at a
     # step boundary and save a checkpoint.

@@ -108,7 +108,7 @@ def photo_data(data_dir, images, batch_size, image_size, device, flags=()):
     (the train_ddp args, the Data)."""
     root = make_dataset(data_dir, images, VAL_PHOTOS)
     args = harness.bench_args("resnet18", batch_size, image_size,
-                              ["--train_dir", f"{root}/train", "--val_dir", f"{root}/val", *flags])
+                              ["--train_dir", f"{root}/train", "--val_dir", f"{root}/val", *flags], device)
     return args, build_data(args, harness.one_process(device))
 
 
@@ -301,7 +301,7 @@ def main():
         "The main process keeps freed memory (distributed.keep_freed_memory), as a training process on a CPU does; "
         "the baseline's workers are forked from it.",
         "The cache paths run in the main process (no workers; on a CPU one reader thread, "
-        "image_cache.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); "
+        "readahead.CPU_READER_THREADS, which also decodes the compressed cache's JPEGs); "
         "each is measured once per round and listed in both groups, "
         "compared with that group's baseline."])
 

@@ -66,7 +66,7 @@ def check_seconds(ctx, calls=300):
 def loop_rates(ctx, model, batch, count, rounds):
     """{cadence: [images/s over both ranks per round]}, the first round a warm-up and dropped."""
     images, labels = harness.synthetic_images(count, 32)
-    args = harness.bench_args(model, batch, 32)
+    args = harness.bench_args(model, batch, 32, device=ctx.device)
     sampler = train_sampler(range(count), batch, ctx.rank, ctx.world_size, seed=0)
     loader = CachedBatches(images, labels, sampler, batch, True, 32, ctx.device, drop_last=True, augment=False)
     data = harness.loader_data(loader, count)

@@ -19,7 +19,7 @@ import harness
 import torch
 from gpu import pick_device, pipeline_data
 
-from fastload import image_cache
+from fastload import readahead
 from inputs.augment import crop_and_flip
 
 FLAGS = ["--use_amp", "--amp_dtype", "float16", "--channels_last"]
@@ -86,11 +86,11 @@ def sweep(run_args, data, settings, device):
     batch, steps = settings.batch_size, len(data.train_loader)
     rate("synthetic", harness.loader_data(harness.DeviceBatches(batch, settings.image_size, steps, device),
                                           batch * steps))
-    default_threads = image_cache.READER_THREADS
+    default_threads = readahead.READER_THREADS
     for threads in (2, 4, 8):
-        image_cache.READER_THREADS = threads
+        readahead.READER_THREADS = threads
         rate(f"cache, {threads} reader threads", data)
-    image_cache.READER_THREADS = default_threads
+    readahead.READER_THREADS = default_threads
     data.train_loader.augment = False
     rate(f"cache, {default_threads} reader threads, no augmentation", data)
     data.train_loader.augment = True

@@ -1,8 +1,13 @@
 """The errors a user can cause, one class per kind; torch-free, so the launcher can use them.
 
-Each is reported as one `error: ...` line and exit code 2 (train_ddp.report_error), never a
-traceback: the message says what is wrong and how to fix it.
+Each is reported as one `error: ...` line and exit code 2 (train_ddp.report_error, and
+cli.run_command for the other commands), never a traceback: the message says what is wrong and
+how to fix it.
 """
+
+
+class UsageError(ValueError):
+    """Bad flags or inputs of a command other than training (predict.py, export.py, ...)."""
 
 
 class ConfigError(ValueError):
@@ -26,3 +31,9 @@ class TrainingError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+
+
+def first_line(exc):
+    """An exception's first message line, or its type name when it has no message (EOFError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,20 +1,23 @@
 """Durable files, torch-free: a write either lands whole or leaves the previous file untouched.
 
-Every file the project writes for a user (checkpoints, the image cache, the history, the config and
-report JSON files, exports) goes through `write_atomic`: written under a temporary name in the same
-folder, flushed and fsynced, renamed over the target, and the rename made durable by an fsync of
-the folder. A kill, a full disk or a power loss at any moment leaves the old file or the new one,
-never a truncated one and never a stray temporary.
+The files the project writes for a user (checkpoints, the history, the config and report JSON
+files, exports) go through `atomic_path`: written under a temporary name in the same folder,
+fsynced, renamed over the target, and the rename made durable by an fsync of the folder. A kill,
+a full disk or a power loss at any moment leaves the old file or the new one, never a truncated
+one; an error or a stop signal leaves no temporary file (a SIGKILL leaves `<name>.tmp.<pid>`).
+The image cache publishes its own way (fastload/cache_file.py: the header last, under a lock)
+with the same fsync_directory and remove_quietly.
 """
 import json
 import os
+import shutil
 from contextlib import contextmanager
 
 
 def temporary_name(path):
-    """A name beside `path` that no other process uses (the pid), hidden from folder listings."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp.{os.getpid()}")
+    """A name beside `path` (the same file system, so the rename is atomic) that no other process
+    writes to: one process writes a given file at a time, and the pid tells processes apart."""
+    return f"{path}.tmp.{os.getpid()}"
 
 
 def fsync_directory(directory):
@@ -32,6 +35,14 @@ def fsync_directory(directory):
         os.close(descriptor)
 
 
+def fsync_file(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def remove_quietly(path):
     """Remove a file if it is there; a file already gone or not removable is not an error."""
     try:
@@ -42,23 +53,18 @@ def remove_quietly(path):
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path to write `path`'s new content to; on success it is fsynced and renamed
-    over `path` durably, on any failure (an exception, a stop signal) it is removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Yield the temporary path to write `path`'s new content to. When the block ends, that file is
+    fsynced and renamed over `path`, then the folder is fsynced; on any exception (a failed write,
+    a stop signal) it is removed and `path` keeps its previous content. The folder must exist."""
     tmp = temporary_name(path)
     try:
         yield tmp
-        descriptor = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
         raise
-    fsync_directory(directory)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def write_atomic(path, write):
@@ -67,17 +73,18 @@ def write_atomic(path, write):
         write(f)
 
 
-def write_json_atomic(path, data):
-    """`data` as indented JSON, durably: readers never see half a file."""
-    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+def write_json_atomic(path, data, indent=2):
+    """`data` as indented JSON, durably (readers never see half a file), its folder created if need
+    be. Data that JSON cannot hold raises TypeError before anything is written."""
+    text = json.dumps(data, indent=indent)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def link_or_copy_atomic(source, path):
     """Give a finished file a second name without rewriting it: a hard link (the next atomic write
     of `source` renames a new file over it, so this name keeps its content), or a copy where links
     are not supported."""
-    import shutil
-
     with atomic_path(path) as tmp:
         try:
             os.link(source, tmp)

@@ -6,16 +6,17 @@ bool, None, list or dict, so `torch.load(path)` works under PyTorch's default `w
 """
 import os
 import pickle
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from config import preprocessing_of
-from core.errors import CheckpointError
+from core.errors import CheckpointError, first_line
+from core.files import fsync_directory, link_or_copy_atomic, write_atomic
 from engine.recipe import load_scheduler_state
 from inputs.augment import GENERATOR as CROP_GENERATOR
+from model import load_trained_weights, strip_wrapper_prefixes, unwrap
 from utils import append_history, new_history
 
 SCHEMA = {
@@ -50,75 +51,28 @@ EMA_SCHEMA = {  # present with --use_ema only
 REQUIRED_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "class_names", "config")
 
 
-def unwrap(model):
-    """The plain module inside DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def save_checkpoint(state, path):
-    """Write to a temp file in the same directory, flush to disk, then rename over `path`:
-    a kill at any moment leaves either the old or the new file, never a truncated one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Write durably and atomically (core.files.write_atomic): a kill at any moment leaves either
+    the old or the new file, never a truncated one. The folder is created if need be."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(directory)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, lambda f: torch.save(state, f))
     except OSError as exc:  # disk full, permission denied, file too large: the old file stays
-        remove_quietly(tmp)
         raise save_failed(path, exc) from None
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
-def fsync_directory(directory):
-    """Make a rename in `directory` durable: after a power loss the name points at the new file,
-    not at nothing. Some file systems cannot sync a directory; the rename still happened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def copy_checkpoint(source, path):
-    """Give a just-written checkpoint a second name without serialising it again: a hard link
-    (no copy; the next save of `source` renames a new file over it, so this name keeps its
-    content), or a copy where links are not supported. Atomic like save_checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Give a just-written checkpoint a second name without serialising it again: a hard link, or
+    a copy where links are not supported (core.files.link_or_copy_atomic). Atomic like save_checkpoint."""
     try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
+        link_or_copy_atomic(source, path)
     except OSError as exc:
-        remove_quietly(tmp)
         raise save_failed(path, exc) from None
 
 
 def save_failed(path, exc):
     return CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
                            "checkpoint there is untouched; free space or pick another --checkpoint_dir")
-
-
-def remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def rng_state():
@@ -167,34 +121,6 @@ def checkpoint_preprocessing(checkpoint):
     return checkpoint.get("preprocessing") or preprocessing_of(checkpoint["config"])
 
 
-def check_resumable(checkpoint, path, class_names, model_name):
-    """Refuse a checkpoint of another class set or another model, before touching any state."""
-    if checkpoint["class_names"] != class_names:
-        raise CheckpointError(
-            f"{path} was trained on {len(checkpoint['class_names'])} classes "
-            f"({', '.join(checkpoint['class_names'][:5])}...), but --train_dir has "
-            f"{len(class_names)} ({', '.join(class_names[:5])}...); resume needs the same classes")
-    saved_model = checkpoint["config"].get("model", "resnet18")
-    if saved_model != model_name:
-        raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
-                              f"'{model_name}'; pass --model {saved_model} to resume it")
-
-
-def first_line(exc):
-    """An exception's first message line, or its type name when it has no message (EOFError)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def strip_wrapper_prefixes(state_dict):
-    """Remove `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting order."""
-    def clean(key):
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        return key
-    return {clean(k): v for k, v in state_dict.items()}
-
-
 @dataclass
 class RunState:
     """Where a run stands besides its weights and optimizer: the epoch and step it has reached,
@@ -234,19 +160,16 @@ class RunState:
         return checkpoint
 
     @classmethod
-    def restore(cls, checkpoint, training, rank, reset=()):
+    def restore(cls, checkpoint, training, rank, load_optimizer=True, load_schedule=True):
         """Load a checkpoint into a built run (weights, optimizer, scaler, schedule, EMA, this
-        rank's RNG) and return its state. `reset` names the parts that start afresh instead
-        ("optimizer", "lr_schedule", "best"; resume.py decides). A schedule keeps this run's
+        rank's RNG) and return its state. Without load_optimizer / load_schedule those stay as
+        built (resume.resume_run decides, and starts them afresh). A schedule keeps this run's
         horizon (recipe.load_scheduler_state). Older checkpoints lack some keys: defaults."""
-        unwrap(training.model).load_state_dict(checkpoint["model_state_dict"])
-        if "optimizer" not in reset:
+        load_trained_weights(unwrap(training.model), checkpoint)
+        if load_optimizer:
             training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        if "lr_schedule" not in reset:
+        if load_schedule:
             load_scheduler_state(training.scheduler, checkpoint["scheduler_state_dict"])
-            if "optimizer" in reset:  # a fresh optimizer takes the schedule's current rate
-                for group, rate in zip(training.optimizer.param_groups, training.scheduler.get_last_lr()):
-                    group["lr"] = rate
         if checkpoint["scaler_state_dict"] or not training.scaler.is_enabled():  # empty: AMP was off
             training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
         if training.ema is not None and "ema_state_dict" in checkpoint:
@@ -255,10 +178,7 @@ class RunState:
         if checkpoint.get("rng"):
             restore_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         defaults = cls()
-        state = cls(**{f.name: checkpoint.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
-        if "best" in reset:
-            state.best_metric, state.best_epoch, state.stale_epochs, state.top_k = None, 0, 0, []
-        return state
+        return cls(**{f.name: checkpoint.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
 
     def end_epoch(self, record, monitored, args):
         """Record a finished epoch and take the epoch-level decisions: best checkpoint, early-stopping

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dataset import normalize
 from engine.distributed import JointChecks, all_reduce_sum
 from model import last_linear_name
 
@@ -74,12 +73,6 @@ class EpochSums:
                     nonfinite_steps=int(self.nonfinite_steps.item()))
 
 
-def to_model_input(images, device, training):
-    """uint8 batch -> the run's normalised float on the device, channels-last if asked (the model is too)."""
-    images = normalize(images.to(device, non_blocking=True), training.mean, training.std)
-    return images.contiguous(memory_format=training.memory_format)
-
-
 @dataclass
 class Evaluation:
     """One model's exact validation over all ranks."""
@@ -96,28 +89,29 @@ class Evaluation:
         return values
 
 
-def evaluate(model, loader, dataset_size, training, args, ctx, max_batches=None, stop=None):
+def evaluate(model, loader, dataset_size, training, ctx, batch_size, use_amp, max_batches=0, stop=None):
     """Exact global (loss, accuracy %) of `model` (evaluate_classes); None when stopped."""
-    evaluation = evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batches, stop)
+    evaluation = evaluate_classes(model, loader, dataset_size, training, ctx, batch_size, use_amp, max_batches, stop)
     return None if evaluation is None else (evaluation.loss, evaluation.acc)
 
 
 @torch.no_grad()
-def evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batches=None, stop=None):
+def evaluate_classes(model, loader, dataset_size, training, ctx, batch_size, use_amp, max_batches=0, stop=None):
     """Exact global loss, top-1 and top-5 accuracy and confusion matrix, as an Evaluation. Each
     rank fills its own samples' slots of dataset-sized vectors (its shard is
     distributed.validation_shard); the all-reduce adds zeros elsewhere, so every rank ends with
     the same per-sample values (loss, hits, true and predicted label) a one-process run computes,
     summed in the same order. Runs on the unwrapped model on every rank: no collective inside the
     forward. Images not evaluated (--limit_val_batches, unreadable with --skip_bad_images) are
-    left out of the sums, the count and the confusion matrix.
+    left out of the sums, the count and the confusion matrix. `batch_size`: the loader's, per
+    process; `max_batches`: at most that many batches per process (0: all).
 
     With `stop` (a StopRequest), the ranks check jointly about every 0.25 s whether to stop, at
     batches every rank reaches (shards differ by one image at most); None when they stop."""
     model.eval()
     num_classes = model.get_submodule(last_linear_name(model)).out_features
-    max_batches = max_batches or args.limit_val_batches or len(loader)
-    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / args.batch_size))
+    max_batches = max_batches or len(loader)
+    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / batch_size))
     checks = JointChecks(ctx.device) if stop is not None else None
     # Rows: loss, top-1 hit, top-5 hit, true label, predicted label, evaluated (1) or not (0).
     per_sample = torch.zeros(6, dataset_size, device=ctx.device, dtype=torch.float64)
@@ -127,10 +121,9 @@ def evaluate_classes(model, loader, dataset_size, training, args, ctx, max_batch
         if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
             if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
                 return None
-        images = to_model_input(images, ctx.device, training)
-        labels = labels.to(ctx.device, non_blocking=True)
+        images, labels = training.stage.eval_batch(images, labels)
         indices = indices.to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
+        with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=use_amp):
             logits = model(images)
         predicted = logits.argmax(dim=1)
         top5_hits = (logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]).any(dim=1)

@@ -1,8 +1,10 @@
 """The resume contract: what a user may change between runs, and what happens when they do.
 
 Every change either continues exactly, is applied with a line that says so, or is refused in one
-line that names the flag and the way out; nothing changes silently. README's "Fault tolerance"
-section has the same contract as a table.
+line that names the flag and the way out; nothing changes silently. Every flag of
+config.build_parser() has its place in exactly one of the four classes below (FREE, APPLIED,
+RESETTABLE, NEVER; tests/test_resume.py holds them to the parser, so a new flag has no default
+behaviour on resume). README's "Fault tolerance" section has the same contract as a table.
 
 - Continued exactly: the number of processes, --batch_size and --gradient_accumulation_steps, as
   long as the global batch (batch x processes x accumulation) is kept. Accumulation adapts by
@@ -12,68 +14,143 @@ section has the same contract as a table.
   last epoch).
 - Kept: the AMP dtype a run trained with, when --amp_dtype is not given (auto), as the
   accumulation is.
-- Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...).
-- Refused unless the part is explicitly started afresh: another optimizer (--reset_optimizer),
-  another schedule or peak rate (--reset_lr_schedule), another --backbone_lr_scale (both), another
-  monitored metric (--reset_best), another seed in the middle of an epoch, another global batch.
+- Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...);
+  those in EPOCH_START_ONLY (--seed) are refused in the middle of an epoch.
+- Refused unless the part is explicitly started afresh: the flags in RESETTABLE (another optimizer,
+  schedule, peak rate, --backbone_lr_scale, monitored metric).
+- Refused: the flags in NEVER (another model, another global batch), and another class set.
+
+Who decides what: plan_resume, before anything is built (its ResumePlan settles the accumulation
+and the AMP dtype: engine.training.settle); resume_run, which has RunState.restore load the parts
+kept and then starts the reset ones afresh.
 """
-from core.errors import ConfigError
+from dataclasses import dataclass
+
+from core.errors import CheckpointError, ConfigError
+from engine.checkpoint import RunState
 from engine.recipe import restart_scheduler
 from inputs.augment import GENERATOR
 
-RESETTABLE = {  # flag whose change needs the reset, the part it restarts, and what the reset does
-    "optimizer": ("reset_optimizer", "optimizer", "start the optimizer's state (moments) afresh"),
-    "lr_scheduler": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "warmup_steps": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "learning_rate": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "scale_lr": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "lr_step_epochs": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "lr_gamma": ("reset_lr_schedule", "lr_schedule", "start a new schedule over the remaining epochs"),
-    "monitor_metric": ("reset_best", "best", "forget the best value, top-k and early-stopping count"),
+# Free to change: where the data and files are, how the run is fed, placed on its processes,
+# logged, checked and debugged; the starting weights (a resume takes the checkpoint's) and the
+# resume flags themselves.
+FREE = frozenset({
+    "train_dir", "val_dir", "demo", "num_workers", "cache_images", "skip_bad_images", "sync_bn", "channels_last",
+    "compile", "pretrained", "pretrained_weights", "find_unused_parameters", "dist_timeout_minutes", "distributed",
+    "fast_dev_run", "overfit_batches", "limit_train_batches", "limit_val_batches", "trace_samples",
+    "num_sanity_val_steps", "config", "checkpoint_dir", "log_dir", "resume", "reset_optimizer", "reset_lr_schedule",
+    "reset_best", "auto_resume", "save_every_steps", "log_every_steps", "use_wandb", "wandb_project", "wandb_name",
+    "use_tensorboard",
+})
+# Applied from the next step, each change named on the "Resumed from" line ("applied from here:
+# --weight_decay 0.01 -> 0.2", in this order); --epochs has words of its own (the schedule re-planned).
+APPLIED = ("epochs", "freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing",
+           "use_ema", "ema_decay", "use_amp", "amp_dtype", "image_size", "resize_size", "mean", "std",
+           "cache_format", "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation",
+           "seed", "early_stopping_patience", "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
+EPOCH_START_ONLY = ("seed",)  # applied flags an epoch's sample order comes from: refused in the middle of one
+# Refused unless every --reset_* named is given: flag -> the resets its change needs.
+RESETTABLE = {
+    "optimizer": ("reset_optimizer",),
+    "lr_scheduler": ("reset_lr_schedule",),
+    "warmup_steps": ("reset_lr_schedule",),
+    "learning_rate": ("reset_lr_schedule",),
+    "scale_lr": ("reset_lr_schedule",),
+    "lr_step_epochs": ("reset_lr_schedule",),
+    "lr_gamma": ("reset_lr_schedule",),
+    "monitor_metric": ("reset_best",),
+    "backbone_lr_scale": ("reset_optimizer", "reset_lr_schedule"),  # it regroups the optimizer's parameters
 }
-APPLIED = ("freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing", "use_ema",
-           "ema_decay", "use_amp", "amp_dtype", "image_size", "resize_size", "mean", "std", "cache_format",
-           "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation", "seed",
-           "early_stopping_patience", "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
+RESETS = {  # reset flag -> the part it starts afresh, and what that does
+    "reset_optimizer": ("optimizer", "start the optimizer's state (moments) afresh"),
+    "reset_lr_schedule": ("lr_schedule", "start a new schedule over the remaining epochs"),
+    "reset_best": ("best", "forget the best value, top-k and early-stopping count"),
+}
+# Never changeable: flag -> what must stay, and what refuses another value.
+NEVER = {
+    "model": "the architecture the weights fit (check_resumable)",
+    "batch_size": "the global batch, batch x processes x accumulation (keep_global_batch)",
+    "gradient_accumulation_steps": "the global batch (keep_global_batch); adapts when not given",
+}
+TRAINED_WITHOUT = {"backbone_lr_scale": 1.0}  # flags older checkpoints lack: the value they trained with
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a checkpoint decides for the run that continues it (plan_resume)."""
+    reset: frozenset                  # the parts started afresh: "optimizer", "lr_schedule", "best"
+    notes: tuple                      # what the "Resumed from" line says changed
+    gradient_accumulation_steps: int  # keeps the checkpoint's global batch on this run's processes
+    amp_dtype: str                    # --amp_dtype: the checkpoint's own when not given (auto)
+
+
+def check_resumable(checkpoint, path, class_names, model_name):
+    """Refuse a checkpoint of another class set or another model, before touching any state."""
+    if checkpoint["class_names"] != class_names:
+        raise CheckpointError(
+            f"{path} was trained on {len(checkpoint['class_names'])} classes "
+            f"({', '.join(checkpoint['class_names'][:5])}...), but --train_dir has "
+            f"{len(class_names)} ({', '.join(class_names[:5])}...); resume needs the same classes")
+    saved_model = checkpoint["config"].get("model", "resnet18")
+    if saved_model != model_name:
+        raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
+                              f"'{model_name}'; pass --model {saved_model} to resume it")
 
 
 def plan_resume(checkpoint, path, args, world_size):
-    """Check this run's flags against the checkpoint's before anything is built. Sets
-    args.gradient_accumulation_steps (kept global batch) and returns (the parts to reset, the
-    lines that say what changed). Raises ConfigError, naming the flag and the way out."""
+    """Check this run's flags against the checkpoint's before anything is built; returns the
+    ResumePlan. Raises ConfigError, naming the flag and the way out. `args` is only read."""
     saved = checkpoint["config"]
-    reset = {part for reset_flag, part, _ in RESETTABLE.values() if getattr(args, reset_flag)}
-    for flag, (reset_flag, part, effect) in RESETTABLE.items():
-        if saved.get(flag, getattr(args, flag)) != getattr(args, flag) and part not in reset:
-            raise ConfigError(
-                f"{path} was trained with --{flag} {saved[flag]}, this run asks for --{flag} "
-                f"{getattr(args, flag)}: pass --{flag} {saved[flag]} to continue it, or add --{reset_flag} to "
-                f"{effect}")
-    if saved.get("backbone_lr_scale", 1.0) != args.backbone_lr_scale and not {"optimizer", "lr_schedule"} <= reset:
-        raise ConfigError(f"{path} was trained with --backbone_lr_scale {saved.get('backbone_lr_scale', 1.0)}, this "
-                          f"run asks for {args.backbone_lr_scale}, which regroups the optimizer's parameters: pass "
-                          f"--backbone_lr_scale {saved.get('backbone_lr_scale', 1.0)} to continue it, or add "
-                          "--reset_optimizer --reset_lr_schedule to start both afresh")
-    if checkpoint.get("samples_done") and saved.get("seed", args.seed) != args.seed:
-        raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
-                          f"comes from --seed {saved['seed']}: pass --seed {saved['seed']} (a new seed applies "
-                          "from an epoch's start)")
-    trained_amp = saved.get("amp_dtype") if saved.get("use_amp") else None  # older checkpoints: float16, the default
-    if args.use_amp and args.amp_dtype == "auto" and trained_amp in ("float16", "bfloat16"):
-        args.amp_dtype = trained_amp
-    notes = [keep_global_batch(checkpoint, path, args, world_size)]
-    if saved.get("epochs", args.epochs) != args.epochs:
-        plan = "schedule re-planned for" if args.lr_scheduler == "cosine" and "lr_schedule" not in reset else "now"
-        notes.append(f"{plan} {args.epochs} epochs (was {saved['epochs']})")
-    changed = [f"--{flag} {saved[flag]} -> {getattr(args, flag)}" for flag in APPLIED
-               if flag in saved and saved[flag] != getattr(args, flag)]
-    if changed:
-        notes.append("applied from here: " + ", ".join(changed))
+    reset = frozenset(part for flag, (part, _) in RESETS.items() if getattr(args, flag))
+    for flag, resets in RESETTABLE.items():
+        trained, asked = saved.get(flag, TRAINED_WITHOUT.get(flag, getattr(args, flag))), getattr(args, flag)
+        if trained != asked and not {RESETS[name][0] for name in resets} <= reset:
+            raise ConfigError(refusal(path, flag, trained, asked, resets))
+    for flag in EPOCH_START_ONLY:
+        if checkpoint.get("samples_done") and saved.get(flag, getattr(args, flag)) != getattr(args, flag):
+            raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
+                              f"comes from --{flag} {saved[flag]}: pass --{flag} {saved[flag]} (a new {flag} applies "
+                              "from an epoch's start)")
+    amp_dtype = kept_amp_dtype(saved, args.use_amp, args.amp_dtype)
+    accumulation, kept = keep_global_batch(checkpoint, path, args.batch_size, args.gradient_accumulation_steps,
+                                           world_size)
+    notes = [kept, *applied_changes(saved, {**vars(args), "amp_dtype": amp_dtype}, reset)]
     if checkpoint.get("crop_generator") != GENERATOR:
         notes.append("training crops are drawn by augment.py's counter-based generator from here (this "
                      "checkpoint's run drew them per sample with Python's random): same distribution, other crops")
-    notes += sorted({f"--{reset_flag}: {effect}" for reset_flag, part, effect in RESETTABLE.values() if part in reset})
-    return reset, [note for note in notes if note]
+    notes += sorted(f"--{flag}: {effect}" for flag, (part, effect) in RESETS.items() if part in reset)
+    return ResumePlan(reset, tuple(note for note in notes if note), accumulation, amp_dtype)
+
+
+def refusal(path, flag, trained, asked, resets):
+    """The one line refusing a RESETTABLE change without its resets. A change that needs several
+    resets regroups the optimizer's parameters (--backbone_lr_scale)."""
+    if len(resets) == 1:
+        return (f"{path} was trained with --{flag} {trained}, this run asks for --{flag} {asked}: pass --{flag} "
+                f"{trained} to continue it, or add --{resets[0]} to {RESETS[resets[0]][1]}")
+    return (f"{path} was trained with --{flag} {trained}, this run asks for {asked}, which regroups the optimizer's "
+            f"parameters: pass --{flag} {trained} to continue it, or add {' '.join('--' + name for name in resets)} "
+            "to start both afresh")
+
+
+def kept_amp_dtype(saved, use_amp, amp_dtype):
+    """--amp_dtype auto on resume is the dtype the checkpoint's run trained with, as the
+    accumulation is kept; older checkpoints hold float16, the default then."""
+    trained = saved.get("amp_dtype") if saved.get("use_amp") else None
+    return trained if use_amp and amp_dtype == "auto" and trained in ("float16", "bfloat16") else amp_dtype
+
+
+def applied_changes(saved, values, reset):
+    """The notes on APPLIED flags whose value changed: the re-planned schedule, then the rest."""
+    notes = []
+    if saved.get("epochs", values["epochs"]) != values["epochs"]:
+        plan = "schedule re-planned for" if values["lr_scheduler"] == "cosine" and "lr_schedule" not in reset else "now"
+        notes.append(f"{plan} {values['epochs']} epochs (was {saved['epochs']})")
+    changed = [f"--{flag} {saved[flag]} -> {values[flag]}" for flag in APPLIED
+               if flag != "epochs" and flag in saved and saved[flag] != values[flag]]
+    if changed:
+        notes.append("applied from here: " + ", ".join(changed))
+    return notes
 
 
 def saved_layout(checkpoint):
@@ -82,32 +159,43 @@ def saved_layout(checkpoint):
     return saved["batch_size"], len(checkpoint.get("rng") or [0]), saved.get("gradient_accumulation_steps") or 1
 
 
-def keep_global_batch(checkpoint, path, args, world_size):
-    """Set the accumulation that keeps the checkpoint's global batch on this run's processes and
-    per-process batch; refuse (naming values that work) when none does. Returns a note or ''."""
+def keep_global_batch(checkpoint, path, batch_size, given, world_size):
+    """The accumulation that keeps the checkpoint's global batch with this run's per-process batch
+    on its processes (`given`: --gradient_accumulation_steps, None when not given), and a note or
+    ''; refuse (naming values that work) when none does."""
     batch, processes, accumulation = saved_layout(checkpoint)
     global_batch = checkpoint.get("global_batch") or batch * processes * accumulation  # older checkpoints
-    per_step = args.batch_size * world_size
+    per_step = batch_size * world_size
     was = f"{batch} x {processes} processes x {accumulation} accumulation"
-    given = args.gradient_accumulation_steps
     if global_batch % per_step == 0 and given in (None, global_batch // per_step):
-        args.gradient_accumulation_steps = global_batch // per_step
-        if args.gradient_accumulation_steps == accumulation:
-            return ""
-        return (f"gradient accumulation {args.gradient_accumulation_steps} keeps the global batch at {global_batch} "
-                f"on {world_size} process(es) (was {was})")
+        kept = global_batch // per_step
+        if kept == accumulation:
+            return kept, ""
+        return kept, (f"gradient accumulation {kept} keeps the global batch at {global_batch} on {world_size} "
+                      f"process(es) (was {was})")
     batches = [b for b in range(1, global_batch // world_size + 1) if global_batch % (b * world_size) == 0]
     way = (f"--batch_size {' or '.join(map(str, batches[-3:]))} (accumulation adapts when "
            "--gradient_accumulation_steps is not given)" if batches
            else f"a number of processes that divides {global_batch}")
-    asked = f"{args.batch_size} x {world_size} processes" + (f" x {given} accumulation" if given else "")
+    asked = f"{batch_size} x {world_size} processes" + (f" x {given} accumulation" if given else "")
     raise ConfigError(f"{path} trained with a global batch of {global_batch} samples ({was}); {asked} cannot keep "
                       f"it: use {way}, or start a new run from its weights with --pretrained_weights {path}")
 
 
-def restart_parts(training, state, reset, args):
-    """After RunState.restore: a fresh schedule from this step (--reset_lr_schedule), and the
-    applied optimizer flags written into the restored optimizer's groups."""
+def resume_run(checkpoint, training, rank, plan, args):
+    """Load a checkpoint into the run built for it (RunState.restore, all but the parts reset) and
+    start the reset parts afresh: a fresh optimizer takes the schedule's current rate, a fresh
+    schedule runs from this step over the remaining epochs, a fresh best forgets the best value,
+    top-k and early-stopping count. The APPLIED optimizer flags reach the restored optimizer's
+    groups. Returns the run's state."""
+    reset = plan.reset
+    state = RunState.restore(checkpoint, training, rank, load_optimizer="optimizer" not in reset,
+                             load_schedule="lr_schedule" not in reset)
+    if "optimizer" in reset and "lr_schedule" not in reset:
+        for group, rate in zip(training.optimizer.param_groups, training.scheduler.get_last_lr()):
+            group["lr"] = rate
+    if "best" in reset:
+        state.best_metric, state.best_epoch, state.stale_epochs, state.top_k = None, 0, 0, []
     if "lr_schedule" in reset:
         done = state.epoch * training.steps_per_epoch + state.step
         training.scheduler = restart_scheduler(training.optimizer, args, training.learning_rate,
@@ -117,3 +205,4 @@ def restart_parts(training, state, reset, args):
         group["weight_decay"] = args.weight_decay
         if "momentum" in group:
             group["momentum"] = args.momentum
+    return state

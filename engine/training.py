@@ -1,8 +1,11 @@
-"""What one run is made of, and the one builder of it (used by train_ddp.py and bench/).
+"""What one run is made of, its settled configuration, and the one builder of it (used by
+train_ddp.py and bench/).
 
+    args, _ = settle(parse_args(argv), ctx)
     data = build_data(args, ctx)
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader))
 """
+import argparse
 import math
 import os
 import platform
@@ -12,17 +15,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import InterpolationMode
 
-from config import PREPROCESSING_FLAGS, check_preprocessing, fill_preprocessing
+from config import PREPROCESSING_FLAGS, Settled, check_preprocessing, fill_preprocessing
 from core.errors import ModelError
 from dataset import build_datasets, build_loaders, prepare_digits_demo
-from engine.checkpoint import unwrap
+from engine.batches import BatchStage
 from engine.distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from engine.loggers import RunLogger
 from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
+from engine.resume import check_resumable, plan_resume
 from fastload.device_decode import build_device_decoded_loaders
 from fastload.image_cache import build_cached_loaders
+from inputs.folders import check_data_folders
 from inputs.sampling import SampleTrace
-from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file
+from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file, unwrap
 
 
 @dataclass
@@ -43,9 +48,7 @@ class Training:
     scaler: torch.amp.GradScaler
     ema: torch.optim.swa_utils.AveragedModel | None
     amp_dtype: torch.dtype          # autocast's (torch.float32 when the run has no AMP: resolve_amp)
-    memory_format: torch.memory_format
-    mean: tuple                     # the run's normalisation (--mean, --std), of 0-1 pixels
-    std: tuple
+    stage: BatchStage               # every batch's way to the model: device, normalisation, memory format
     batches_per_epoch: int          # per process, after --limit_train_batches
     steps_per_epoch: int            # optimizer steps: batches over accumulation, rounded up
     learning_rate: float            # --learning_rate after --scale_lr
@@ -56,15 +59,37 @@ class Training:
     backbone_frozen: bool = False   # --freeze_backbone_epochs: set by enter_epoch
 
 
-def build_data(args, ctx):
-    """The datasets and their loaders: image files (decoded by DataLoader workers, or on the device
-    with --decode_on_device), or the decoded cache with --cache_images. The preprocessing is
-    settled first (resolve_preprocessing), and a model that cannot take --image_size is refused
-    before any data is read or written."""
+def settle(args, ctx, checkpoint=None, checkpoint_path=None):
+    """The run's configuration: the parsed flags (config.parse_args, which fills the defaults the
+    launcher checks) with every value derived from them resolved, once, in this order, and frozen
+    (config.Settled):
+    - the preprocessing: with --pretrained, the weights' own (resolve_preprocessing); a model that
+      cannot take --image_size is refused before any data is read or written;
+    - --demo: the digits written once, and their folders as --train_dir and --val_dir;
+    - resuming `checkpoint` (read from checkpoint_path): the same classes and model
+      (resume.check_resumable), then resume.plan_resume's accumulation that keeps its global batch
+      and the AMP dtype it trained with;
+    - the defaults left: one micro-batch per step, and autocast's dtype on this device (resolve_amp).
+    `args` is left as parsed. Returns (the settled configuration, the ResumePlan or None)."""
+    args = argparse.Namespace(**vars(args))  # resolved in a copy, frozen at the end
     resolve_preprocessing(args, ctx)
     check_image_size(args.model, args.image_size)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
+    plan = None
+    if checkpoint is not None:
+        check_resumable(checkpoint, checkpoint_path, check_data_folders(args.train_dir, args.val_dir), args.model)
+        plan = plan_resume(checkpoint, checkpoint_path, args, ctx.world_size)
+        args.gradient_accumulation_steps, args.amp_dtype = plan.gradient_accumulation_steps, plan.amp_dtype
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
+    resolve_amp(args, ctx)
+    return Settled(**vars(args)), plan
+
+
+def build_data(args, ctx):
+    """The datasets and their loaders, for a settled configuration (settle): image files (decoded
+    by DataLoader workers, or on the device with --decode_on_device), or the decoded cache with
+    --cache_images."""
     train_set, val_set, class_names = build_datasets(args, ctx.world_size)
     if args.cache_images:
         train_loader, val_loader = build_cached_loaders(train_set, val_set, args, ctx)
@@ -80,9 +105,10 @@ def build_data(args, ctx):
 def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None, resuming=False):
     """Model (on the device, DDP- and compile-wrapped as asked), optimizer, schedule, scaler and EMA.
 
-    Everything is built before any checkpoint is restored into it (RunState.restore); a run that
-    resumes does not fetch starting weights (the checkpoint's replace them)."""
-    weights = None if resuming else starting_weights(args, ctx)
+    `args` is the settled configuration (settle). Everything is built before any checkpoint is
+    restored into it (resume.resume_run); a run that resumes does not fetch starting weights (the
+    checkpoint's replace them)."""
+    weights = None if resuming else starting_weights(ctx, args.model, args.pretrained, args.pretrained_weights)
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.model, num_classes, weights)
     if args.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
@@ -94,27 +120,27 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     model = model.to(ctx.device, memory_format=memory_format)
     learning_rate = scaled_learning_rate(args, ctx.world_size)
     optimizer = build_optimizer(model, args, learning_rate, head=model.get_submodule(last_linear_name(model)))
-    amp_dtype = resolve_amp(args, ctx)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else torch.float32  # settled: resolve_amp
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.use_amp and amp_dtype == torch.float16)
     batches_per_epoch = min(batches_in_loader, args.limit_train_batches or batches_in_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     ema = build_ema(model, args.ema_decay) if args.use_ema else None
-    model = wrap(model, args, ctx)
+    model = wrap(model, ctx, args.find_unused_parameters, args.compile)
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
-    return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, memory_format, tuple(args.mean),
-                    tuple(args.std), batches_per_epoch,
+    stage = BatchStage(ctx.device, tuple(args.mean), tuple(args.std), memory_format)
+    return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, stage, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
                     JointChecks(ctx.device), trace)
 
 
-def wrap(model, args, ctx):
+def wrap(model, ctx, find_unused_parameters, compile):
     """The model as it trains: DDP across processes (it syncs the parameters that require gradients
     when it is built), then torch.compile if asked."""
     if ctx.distributed:
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=args.find_unused_parameters, gradient_as_bucket_view=True)
-    return torch.compile(model) if args.compile else model
+                    find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
+    return torch.compile(model) if compile else model
 
 
 def enter_epoch(training, epoch, args, ctx):
@@ -129,19 +155,19 @@ def enter_epoch(training, epoch, args, ctx):
         head_parameters = set(head.parameters())
         for parameter in model.parameters():
             parameter.requires_grad_(not frozen or parameter in head_parameters)
-        training.model, training.backbone_frozen = wrap(model, args, ctx), frozen
+        training.model, training.backbone_frozen = wrap(model, ctx, args.find_unused_parameters, args.compile), frozen
     training.model.train()
     if frozen:
         model.eval()
         head.train()
 
 
-def starting_weights(args, ctx):
+def starting_weights(ctx, model_name, pretrained, pretrained_weights):
     """--pretrained_weights, or the file of --pretrained: downloaded once per node, by its local
     rank 0, while the node's other ranks wait; a failure on any node is every rank's one line."""
-    if not args.pretrained:
-        return args.pretrained_weights
-    entry = pretrained_entry(args.model, args.pretrained)
+    if not pretrained:
+        return pretrained_weights
+    entry = pretrained_entry(model_name, pretrained)
     error = None
     if ctx.local_rank == 0:
         try:
@@ -155,7 +181,8 @@ def starting_weights(args, ctx):
 
 
 def resolve_preprocessing(args, ctx):
-    """With --pretrained, the preprocessing flags not given take the weights' own values
+    """settle's step for the preprocessing flags, in the flags being settled. With --pretrained,
+    the preprocessing flags not given take the weights' own values
     (torchvision's weights.transforms(): crop and resize sizes, mean, std; a crop size of your own
     keeps the weights' resize ratio), said in one line naming what you set. Without, config.py has
     already filled them in with the torchvision recipe's (224 px crops of 256 px, ImageNet's)."""
@@ -175,12 +202,12 @@ def resolve_preprocessing(args, ctx):
 
 
 def resolve_amp(args, ctx):
-    """The autocast dtype of this run, settled in args so that its checkpoints keep what ran (a
-    resumed run inherits it: resume.plan_resume). --amp_dtype auto is float16 on GPUs; on a CPU,
-    bfloat16 where the CPU has native bfloat16 instructions, else no AMP at all (args.use_amp
-    becomes False): float16 autocast on a CPU, or bfloat16 without those instructions, is many
-    times slower than float32. On a CPU one line says what was chosen, or what an explicit choice
-    costs. Returns the torch dtype (float32 without AMP)."""
+    """settle's step for the autocast dtype of this run, written in the flags being settled so that
+    its checkpoints keep what ran (a resumed run inherits it: resume.plan_resume). --amp_dtype auto
+    is float16 on GPUs; on a CPU, bfloat16 where the CPU has native bfloat16 instructions, else no
+    AMP at all (args.use_amp becomes False): float16 autocast on a CPU, or bfloat16 without those
+    instructions, is many times slower than float32. On a CPU one line says what was chosen, or
+    what an explicit choice costs. Returns the torch dtype (float32 without AMP)."""
     if not args.use_amp:
         return torch.float32
     if ctx.device.type != "cpu":

@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from core.errors import DataError
+from core.files import fsync_directory, remove_quietly
 from dataset import UNREADABLE, open_resized
 from dataset import eval_resize_size as storage_size  # the cache stores the eval transform's intermediate
 from engine import distributed
-from engine.checkpoint import fsync_directory, remove_quietly
 
 FORMAT_VERSION = 3  # 1: headerless, keyed by file sizes and mtimes; 2: keyed without the crop size, no checksums
 MAGIC = b"IMGCACHE"
@@ -103,12 +103,18 @@ class Team:
                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def describe_cache(dataset, image_size, side, cache_dir, quality=None):
-    """The cache of `dataset` stored at `side` for crops of `image_size` (raw, or compressed at JPEG
-    `quality`: cache_jpeg.py), named by a hash of the format version, the folder, both sizes (the
-    stored window depends on the crop size: DecodeForCache) and every file's path, label, size,
-    mtime, inode change time and inode: a rewrite that keeps the size and restores the mtime
-    (cp -p, rsync -t) cannot restore the ctime, so it gets a new cache."""
+def describe_cache(dataset, image_size, side, cache_dir):
+    """The raw cache of `dataset` stored at `side` for crops of `image_size` (the compressed one:
+    cache_jpeg.describe_jpeg_cache)."""
+    return CacheSpec(*cache_name(dataset, image_size, side, cache_dir), len(dataset.samples), side)
+
+
+def cache_name(dataset, image_size, side, cache_dir, quality=None):
+    """(path, key) of the cache of `dataset` (raw, or compressed at JPEG `quality`), named by a hash
+    of the format version, the folder, both sizes (the stored window depends on the crop size:
+    DecodeForCache) and every file's path, label, size, mtime, inode change time and inode: a
+    rewrite that keeps the size and restores the mtime (cp -p, rsync -t) cannot restore the ctime,
+    so it gets a new cache."""
     compressed = "" if quality is None else f"|jpeg{quality}"
     digest = hashlib.sha256(f"{FORMAT_VERSION}|{os.path.abspath(dataset.root)}|{side}|{image_size}{compressed}"
                             .encode())
@@ -119,12 +125,9 @@ def describe_cache(dataset, image_size, side, cache_dir, quality=None):
             raise DataError(f"cannot read {path} ({exc.strerror}) while naming the image cache") from None
         digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
     stem = f"{os.path.basename(os.path.normpath(dataset.root))}-{side}px"
-    if quality is None:
-        return CacheSpec(os.path.join(cache_dir, f"{stem}-{digest.hexdigest()[:16]}.u8"), digest.digest(),
-                         len(dataset.samples), side)
-    from fastload.cache_jpeg import JpegSpec  # here: cache_jpeg builds on this module
-    return JpegSpec(os.path.join(cache_dir, f"{stem}-q{quality}-{digest.hexdigest()[:16]}.jpegs"), digest.digest(),
-                    len(dataset.samples), side, quality)
+    hex_key = digest.hexdigest()[:16]
+    name = f"{stem}-{hex_key}.u8" if quality is None else f"{stem}-q{quality}-{hex_key}.jpegs"
+    return os.path.join(cache_dir, name), digest.digest()
 
 
 class DecodeForCache(Dataset):

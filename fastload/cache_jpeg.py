@@ -30,13 +30,14 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from core.errors import DataError
-from engine.checkpoint import remove_quietly
+from core.files import remove_quietly
 from fastload.cache_file import (
     HEADER,
     HEADER_BYTES,
     ROUND_SECONDS,
     CacheSpec,
     DecodeForCache,
+    cache_name,
     in_workers,
     no_room,
     open_regular,
@@ -69,6 +70,11 @@ class JpegSpec(CacheSpec):
 
     def finish(self, temp_fd, parts):
         return assemble(temp_fd, self, parts)
+
+
+def describe_jpeg_cache(dataset, image_size, side, cache_dir, quality):
+    """The compressed cache of `dataset` at JPEG `quality`, named like the raw one (cache_file.cache_name)."""
+    return JpegSpec(*cache_name(dataset, image_size, side, cache_dir, quality), len(dataset.samples), side, quality)
 
 
 class JpegImages:

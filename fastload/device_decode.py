@@ -1,19 +1,21 @@
 """--decode_on_device: the image files decoded in batches on the training device, with no cache:
-for GPUs whose host cannot decode JPEGs as fast as they train (BENCHMARKS.md: 16 cores decode
-about 3.6k photos/s, an H100 trains ResNet-18 at 15k).
+for GPUs whose host cannot decode JPEGs as fast as they train (BENCHMARKS.md, "Input bytes per
+second per node, by input path").
 
-Reader threads read each batch's file bytes (image_cache.CachedBatches' machinery: batches read
-ahead, staged on a side CUDA stream, handed over in order). On a GPU the whole batch's JPEGs are
+Reader threads read each batch's file bytes (readahead.read_ahead, as for the image cache: batches
+read ahead, staged on a side CUDA stream, handed over in order). On a GPU the whole batch's JPEGs are
 decoded in one torchvision.io.decode_jpeg call (nvjpeg), then each image is cropped there with
 the file path's per-sample box and flip (augment.draw_crops for the whole batch, drawn
 on the decoded sizes, as the file path draws it on the header's) and resized with torchvision's
-antialiased bilinear filter; evaluation resizes the shorter side to --resize_size and
+antialiased bilinear filter (readahead.crop_on_device); evaluation resizes the shorter side to --resize_size and
 center-crops (for images beyond dataset.BAND_ASPECT only the central band, as the file path does).
 Files that are not JPEGs are decoded by the reader threads on the CPU: PNG and WebP by
 torchvision, the formats it lacks (BMP, TIFF, PPM, ...) by the file path's decoder (PIL).
 Without CUDA the reader threads decode (libjpeg-turbo) and crop: the same batches, for tests and
 small machines, though DataLoader workers are usually faster on a CPU, so it stays opt-in.
 """
+import math
+
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
@@ -22,21 +24,28 @@ from torchvision.transforms.v2.functional import to_dtype
 from core.errors import DataError
 from dataset import BAND_ASPECT, UNREADABLE, open_rgb, planar, resize_shorter_side, train_sampler
 from engine.distributed import validation_shard
-from fastload.image_cache import CachedBatches
+from fastload.readahead import crop_on_device, key_batches, read_ahead
 from inputs.augment import draw_crops
 
 JPEG_START = (0xFF, 0xD8)
 
 
-class DeviceDecodedFiles(CachedBatches):
-    """Batches of an AugmentedImageFolder's files, decoded and cropped on `device`, in the form
-    and order of the other loaders: (uint8 NCHW images, labels, indices, skipped=0)."""
+class DeviceDecodedFiles:
+    """Batches of an AugmentedImageFolder's files, decoded and cropped on `device`, read ahead
+    (readahead.read_ahead), in the form and order of the other loaders: (uint8 NCHW images,
+    labels, indices, skipped=0)."""
 
     def __init__(self, dataset, sampler, batch_size, train, device):
-        super().__init__(None, dataset.targets, sampler, batch_size, train, dataset.image_size, device,
-                         drop_last=False, seed=dataset.seed, crop_scale=dataset.crop_scale,
-                         hflip_prob=dataset.hflip_prob, augment=dataset.augment)
-        self.dataset = dataset
+        self.dataset, self.labels, self.sampler = dataset, torch.as_tensor(dataset.targets), sampler
+        self.batch_size, self.train, self.device = batch_size, train, device
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        keys = list(iter(self.sampler))
+        yield from read_ahead(self.read_batch, key_batches(keys, self.batch_size, len(self)), self.device,
+                              self.decode_read)
 
     def read_batch(self, chunk):
         """The batch's files: JPEG bytes, or pixels decoded here for other formats. On a CPU they
@@ -46,18 +55,13 @@ class DeviceDecodedFiles(CachedBatches):
         files = [self.read(index) for index in indices.tolist()]
         labels = self.labels[indices]
         if self.device.type != "cuda":
-            return self.decode_and_crop(files, epochs, indices), labels, indices, None, None
-        return (files, epochs), labels.pin_memory(), indices, None, None
+            return self.decode_and_crop(files, epochs, indices), labels, indices
+        return (files, epochs), labels.pin_memory(), indices
 
-    def stage(self, batch, side_stream):
-        """On a GPU: the batch decoded and cropped on the side stream; returns at once."""
-        if side_stream is None:
-            return super().stage(batch, side_stream)
-        (files, epochs), labels, indices, _, _ = batch
-        with torch.cuda.stream(side_stream):
-            images = self.decode_and_crop(files, epochs, indices)
-            labels = labels.to(self.device, non_blocking=True)
-            return images, labels, indices, side_stream.record_event()
+    def decode_read(self, read, indices):
+        """On a GPU: a read batch decoded and cropped there."""
+        files, epochs = read
+        return self.decode_and_crop(files, epochs, indices)
 
     def read(self, index):
         path = self.dataset.samples[index][0]
@@ -93,16 +97,16 @@ class DeviceDecodedFiles(CachedBatches):
                 images = [self.decode_one(files[row], indices[row].item()) for row in jpegs]
             for row, image in zip(jpegs, images):
                 decoded[row] = image
-        size = self.image_size
-        crops = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=self.device)
-        boxes = flips = [None] * len(files)
-        if self.train and self.augment:  # on the decoded sizes, as the file path draws on the header's
-            heights, widths = zip(*(image.shape[-2:] for image in decoded))
-            boxes, flips = draw_crops(self.seed, epochs, indices, widths, heights, self.crop_scale, self.hflip_prob)
-            boxes, flips = boxes.tolist(), flips.tolist()
-        for row, (image, box, flip) in enumerate(zip(decoded, boxes, flips)):
-            crops[row] = self.transform(image.to(self.device, non_blocking=True), box, flip)
-        return crops
+        decoded = [image.to(self.device, non_blocking=True) for image in decoded]
+        dataset = self.dataset
+        if not (self.train and dataset.augment):  # the evaluation transform
+            return crop_on_device([self.resize_shorter_side(image) for image in decoded], None, None,
+                                  dataset.image_size)
+        # On the decoded sizes, as the file path draws on the header's.
+        heights, widths = zip(*(image.shape[-2:] for image in decoded))
+        boxes, flips = draw_crops(dataset.seed, epochs, indices, widths, heights, dataset.crop_scale,
+                                  dataset.hflip_prob)
+        return crop_on_device(decoded, boxes, flips, dataset.image_size)
 
     def decode_one(self, data, index):
         """One JPEG of a batch that failed to decode: by the file path's decoder if the device's
@@ -111,16 +115,6 @@ class DeviceDecodedFiles(CachedBatches):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return self.decode_on_host(index)
-
-    def transform(self, image, box, flip):
-        """The file path's crop `box` (left, top, width, height) and flip of one decoded CHW image,
-        or without a box the evaluation transform."""
-        size = self.image_size
-        if box is None:
-            return TF.center_crop(self.resize_shorter_side(image), size)
-        left, top, crop_width, crop_height = box
-        crop = TF.resized_crop(image, top, left, crop_height, crop_width, [size, size], antialias=True)
-        return crop.flip(-1) if flip else crop
 
     def resize_shorter_side(self, image):
         """The file path's evaluation resize (dataset.resize_shorter_side): torchvision's, on the

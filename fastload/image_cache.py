@@ -14,26 +14,19 @@ import math
 import os
 import time
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import islice
 
 import numpy as np
 import torch
-from torchvision.transforms import functional as TF
 
 from core.errors import DataError
 from dataset import planar, resized_crop, train_sampler
 from engine import distributed
 from fastload.cache_file import NodeLeader, Team, describe_cache, stay_stopped, storage_size
-from fastload.cache_jpeg import JpegImages
-from inputs.augment import crop_and_flip, draw_crops
+from fastload.cache_jpeg import JpegImages, describe_jpeg_cache
+from fastload.readahead import crop_on_device, key_batches, read_ahead
+from inputs.augment import draw_crops
 
-READER_THREADS = min(4, os.cpu_count() or 1)  # for a GPU: they only gather (or decode) and pin
-# On a CPU torch's intra-op threads already occupy every core while a batch trains: more readers only
-# take cores from them (BENCHMARKS.md). One reader crops a batch in a few milliseconds, well within a step.
-CPU_READER_THREADS = 1
 RAW_MEMORY_FRACTION = 0.25
 
 
@@ -46,7 +39,9 @@ def build_or_open(dataset, image_size, cache_dir, num_workers, team=Team(), resi
     existing cache was reused."""
     def look():
         usable_directory(cache_dir)
-        spec = describe_cache(dataset, image_size, resize_size or storage_size(image_size), cache_dir, quality)
+        side = resize_size or storage_size(image_size)
+        spec = (describe_cache(dataset, image_size, side, cache_dir) if quality is None
+                else describe_jpeg_cache(dataset, image_size, side, cache_dir, quality))
         return spec, team.node, spec.open() is None
     spec, first_node, missing = rank_0_decides(look, team)
     built = missing and build_on_nodes(spec, dataset, image_size, num_workers, team, team.node == first_node)
@@ -162,14 +157,14 @@ def attempt(action):
 
 class CachedBatches:
     """Batches straight from the cache: one indexed read per batch, no per-sample __getitem__ or
-    collate; crops and flips run batched on `device`. Yields what the file loaders yield:
-    (uint8 NCHW images, labels, indices, skipped=0)."""
+    collate; crops and flips run batched on `device`, read ahead (readahead.read_ahead). Yields what
+    the file loaders yield: (uint8 NCHW images, labels, indices, skipped=0)."""
 
     def __init__(self, images, labels, sampler, batch_size, train, image_size, device, drop_last,
                  seed=0, crop_scale=(0.08, 1.0), hflip_prob=0.5, augment=True):
         self.images, self.labels, self.sampler = images, torch.as_tensor(labels), sampler
         self.compressed = isinstance(images, JpegImages)
-        if isinstance(images, np.ndarray):  # None: a subclass reads elsewhere (device_decode.py)
+        if not self.compressed:
             with warnings.catch_warnings():  # a read-only memmap: torch only ever reads it
                 warnings.simplefilter("ignore", UserWarning)
                 self.pixels = torch.from_numpy(images)
@@ -183,74 +178,35 @@ class CachedBatches:
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
-        """Reader threads gather upcoming batches into pinned memory and draw their crop boxes while
-        the device trains on the current one. On a GPU the next batch is copied and cropped on a
-        side stream during the current step, so the compute stream only ever trains. Batches are
-        consumed in order, so every result is unchanged."""
         keys = list(iter(self.sampler))
-        starts = iter(range(0, len(self) * self.batch_size, self.batch_size))
-        side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        threads = READER_THREADS if side_stream else CPU_READER_THREADS
-        with ThreadPoolExecutor(max_workers=threads) as readers:
-            pending = deque(readers.submit(self.read_batch, keys[s:s + self.batch_size])
-                            for s in islice(starts, 2 * threads))
-            staged = None
-            try:
-                while pending:
-                    batch = self.stage(pending.popleft().result(), side_stream)
-                    for s in islice(starts, 1):
-                        pending.append(readers.submit(self.read_batch, keys[s:s + self.batch_size]))
-                    if staged is not None:
-                        yield self.hand_over(staged)
-                    staged = batch
-                if staged is not None:
-                    yield self.hand_over(staged)
-            finally:
-                for future in pending:  # the loop stopped early (--limit_train_batches, an error)
-                    future.cancel()
+        yield from read_ahead(self.read_batch, key_batches(keys, self.batch_size, len(self)), self.device,
+                              self.crop_stored)
 
-    def stage(self, batch, side_stream):
-        """Queue a read batch's copy to the GPU and its crops on the side stream; returns at once."""
-        images, labels, indices, boxes, flips = batch
-        if side_stream is None:
-            return images, labels, indices, None
-        with torch.cuda.stream(side_stream):
-            if images is None:  # compressed: JPEGs decoded here, batched, by nvjpeg
-                pixels = self.images.decode_on(indices, self.device)
-            else:
-                pixels = images.to(self.device, non_blocking=True)
-            if boxes is None:
-                images = TF.center_crop(pixels.permute(0, 3, 1, 2), self.image_size).contiguous()
-            else:
-                images = crop_and_flip(pixels, boxes.to(self.device, non_blocking=True),
-                                       flips.to(self.device, non_blocking=True), self.image_size)
-            labels = labels.to(self.device, non_blocking=True)
-            return images, labels, indices, side_stream.record_event()
-
-    def hand_over(self, staged):
-        """The compute stream waits for this batch only (not for the one staged after it), and the
-        allocator keeps its memory until the compute stream is done with it."""
-        images, labels, indices, ready = staged
-        if ready is not None:
-            compute_stream = torch.cuda.current_stream(self.device)
-            compute_stream.wait_event(ready)
-            images.record_stream(compute_stream)
-            labels.record_stream(compute_stream)
-        return images, labels, indices, 0
+    def crop_stored(self, read, indices):
+        """On a GPU: a read batch's stored images copied (or, compressed, decoded by nvjpeg, batched)
+        and cropped there."""
+        pixels, boxes, flips = read
+        if pixels is None:
+            pixels = self.images.decode_on(indices, self.device)
+        else:
+            pixels = pixels.to(self.device, non_blocking=True)
+        if boxes is not None:
+            boxes, flips = boxes.to(self.device, non_blocking=True), flips.to(self.device, non_blocking=True)
+        return crop_on_device(pixels, boxes, flips, self.image_size)
 
     def read_batch(self, chunk):
-        """One batch from the cache. For a GPU: the stored pixels, labels and crop boxes in pinned
-        memory (copied without a host sync and cropped there). For the CPU: finished uint8 crops,
-        made here in the reader thread (crop_on_cpu)."""
+        """One batch from the cache. For a GPU: the stored pixels, crop boxes and flips, and the
+        labels, in pinned memory (copied without a host sync and cropped there). For the CPU:
+        finished uint8 crops, made here in the reader thread (crop_on_cpu)."""
         indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
             boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
         if self.device.type != "cuda":
-            return self.crop_on_cpu(indices, boxes, flips), labels, indices, None, None
-        pinned = [torch.from_numpy(a).pin_memory() if a is not None else None for a in (boxes, flips)]
-        return (self.stored_pixels(indices), labels.pin_memory(), indices, *pinned)
+            return self.crop_on_cpu(indices, boxes, flips), labels, indices
+        boxes, flips = (torch.from_numpy(a).pin_memory() if a is not None else None for a in (boxes, flips))
+        return (self.stored_pixels(indices), boxes, flips), labels.pin_memory(), indices
 
     def crop_on_cpu(self, indices, boxes, flips):
         """The batch's crops, NCHW uint8: center crops without boxes; training crops by the file

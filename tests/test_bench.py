@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from fastload import image_cache
+from fastload import readahead
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def test_bench_profile_cache_gpu_quick_runs_every_mode(tmp_path):
     rates = re.findall(r"^(.+): ([\d,]+) images/s$", out, flags=re.MULTILINE)
     assert [label for label, _ in rates] == [
         "epoch under the profiler", "synthetic", "cache, 2 reader threads", "cache, 4 reader threads",
-        "cache, 8 reader threads", f"cache, {image_cache.READER_THREADS} reader threads, no augmentation",
+        "cache, 8 reader threads", f"cache, {readahead.READER_THREADS} reader threads, no augmentation",
         "epoch 0", "epoch 1"]
     assert all(number(rate) > 0 for _, rate in rates)
     timed = re.findall(r"^(host: draw_crops|copy to cpu|copy to cuda|crop_and_flip).*: ([\d.]+) ms per batch$", out,

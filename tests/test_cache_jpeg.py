@@ -18,7 +18,7 @@ from conftest import REPO, data_flags, run_cli, torchrun, train_cmd
 from core.errors import DataError
 from dataset import AugmentedImageFolder
 from fastload.cache_file import describe_cache, size_text, storage_size
-from fastload.cache_jpeg import JpegImages, JpegSpec, assemble, part_name
+from fastload.cache_jpeg import JpegImages, JpegSpec, assemble, describe_jpeg_cache, part_name
 from fastload.image_cache import CachedBatches, build_cached_loaders, build_or_open
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -114,8 +114,9 @@ def test_auto_keeps_a_small_cache_raw_and_the_formats_have_their_own_files(tiny_
     assert "compressed" not in result.stdout
     assert sorted(name.rsplit(".", 1)[1] for name in os.listdir(f"{tmp_path}/cache")) == ["u8", "u8"]
     dataset = AugmentedImageFolder(tiny_data["val_dir"], 16, train=False)
-    raw, jpeg = (describe_cache(dataset, 16, 18, str(tmp_path), quality).path for quality in (None, 90))
-    assert raw != jpeg and describe_cache(dataset, 16, 18, str(tmp_path), 80).path != jpeg
+    raw, jpeg = describe_cache(dataset, 16, 18, str(tmp_path)).path, describe_jpeg_cache(dataset, 16, 18,
+                                                                                         str(tmp_path), 90).path
+    assert raw != jpeg and describe_jpeg_cache(dataset, 16, 18, str(tmp_path), 80).path != jpeg
 
 
 def test_cache_quality_out_of_range_is_refused_in_one_line(tiny_data, tmp_path):

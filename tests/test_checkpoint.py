@@ -16,18 +16,16 @@ from engine.checkpoint import (
     SCHEMA,
     CheckpointError,
     RunState,
-    check_resumable,
     is_improvement,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_aside_previous_run,
-    strip_wrapper_prefixes,
     top_k_filename,
-    unwrap,
     update_top_k,
 )
-from model import TinyCNN
+from engine.resume import check_resumable
+from model import TinyCNN, strip_wrapper_prefixes, unwrap
 from utils import HISTORY_KEYS
 
 

@@ -51,7 +51,8 @@ def test_preprocessing_values_come_from_a_config_file_too(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--image_size", "64", "--resize_size", "60"], "--resize_size 60 is smaller than --image_size 64"),
-    (["--mean", "0.5", "128", "0.5"], "--mean takes three values in [0, 1] (pixels scaled to 0-1), got [0.5, 128.0, 0.5]"),
+    (["--mean", "0.5", "128", "0.5"],
+     "--mean takes three values in [0, 1] (pixels scaled to 0-1), got [0.5, 128.0, 0.5]"),
     (["--std", "0.2", "0", "0.2"], "--std takes three values in (0, 1]"),
 ])
 def test_impossible_preprocessing_is_refused_in_one_line(tiny_data, tmp_path, flags, message):

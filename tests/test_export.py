@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 import export
 from dataset import load_eval, normalize
 from engine.checkpoint import load_checkpoint
-from predict import load_model
+from model import model_from_checkpoint
 
 EXPORT = [sys.executable, os.path.join(REPO, "export.py")]
 IMAGE_SIZE = 16
@@ -43,7 +43,7 @@ def validation_batch(val_dir):
 
 def pytorch_logits(checkpoint_path, weights, images):
     with torch.no_grad():
-        return load_model(load_checkpoint(checkpoint_path), weights, torch.device("cpu"))(normalize(images))
+        return model_from_checkpoint(load_checkpoint(checkpoint_path), weights)(normalize(images))
 
 
 def check_metadata(metadata, weights):

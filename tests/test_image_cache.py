@@ -382,7 +382,7 @@ def test_gpu_batches_staged_on_a_side_stream_equal_crops_made_on_the_compute_str
     on_cpu = CachedBatches(images, dataset.targets, sampler, 4, True, 16, torch.device("cpu"), True, seed=0)
     keys = list(iter(sampler))
     for batch, ((crops, labels, indices, _), cpu_batch) in enumerate(zip(loader, on_cpu, strict=True)):
-        pixels, expected_labels, expected_indices, boxes, flips = loader.read_batch(keys[4 * batch:4 * batch + 4])
+        (pixels, boxes, flips), expected_labels, expected_indices = loader.read_batch(keys[4 * batch:4 * batch + 4])
         expected = crop_and_flip(pixels.to(cuda), boxes.to(cuda), flips.to(cuda), 16)
         assert crops.device.type == "cuda" and torch.equal(crops, expected)
         assert torch.equal(labels.cpu(), expected_labels) and torch.equal(indices, expected_indices)

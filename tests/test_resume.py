@@ -24,6 +24,9 @@ from conftest import (
 )
 
 import train_ddp
+from config import build_parser, parse_args
+from core.errors import ConfigError
+from engine import resume
 from inputs.sampling import read_trace
 
 TINY = dict(model="tiny_cnn", batch_size=2, trace_samples=True)
@@ -61,6 +64,53 @@ def resume_in_process(data, out, capsys, **flags):
 def copy_run(source, target):
     subprocess.run(["cp", "-r", source, target], check=True)
     return target
+
+
+# ------------------------------------------------------------------ the contract's table
+
+def test_every_flag_has_exactly_one_place_in_the_resume_contract():
+    """A flag added to config.py without a decision here fails: it would change silently on resume."""
+    flags = {action.dest for action in build_parser()._actions} - {"help"}
+    classes = dict(FREE=set(resume.FREE), APPLIED=set(resume.APPLIED), RESETTABLE=set(resume.RESETTABLE),
+                   NEVER=set(resume.NEVER))
+    placed = {flag: [name for name, members in classes.items() if flag in members] for flag in flags}
+    assert {flag: where for flag, where in placed.items() if len(where) != 1} == {}  # none missing, none twice
+    assert set().union(*classes.values()) - flags == set()  # no name the parser does not know
+    assert len(resume.APPLIED) == len(classes["APPLIED"])
+    assert set(resume.EPOCH_START_ONLY) <= classes["APPLIED"]
+    assert {name for resets in resume.RESETTABLE.values() for name in resets} == set(resume.RESETS)
+    assert set(resume.RESETS) <= classes["FREE"] and set(resume.TRAINED_WITHOUT) <= flags
+
+
+def saved_run(tmp_path, samples_done=0, **flags):
+    """plan_resume's inputs without a real run: a checkpoint dict of the parsed flags, and the flags."""
+    argv = ["--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path), "--batch_size", "4"]
+    checkpoint = dict(config=vars(parse_args(argv)), epoch=1, samples_done=samples_done, global_batch=4,
+                      rng=[None], crop_generator="counter-v1")
+    changed = [arg for flag, value in flags.items() for arg in [f"--{flag}"] + ([] if value is True else [str(value)])]
+    return checkpoint, parse_args(argv + changed)
+
+
+def test_a_new_seed_applies_from_an_epochs_start_and_is_refused_in_the_middle_of_one(tmp_path):
+    checkpoint, args = saved_run(tmp_path, seed=7)
+    before = dict(vars(args))
+    plan = resume.plan_resume(checkpoint, "ck.pth", args, world_size=1)
+    assert plan.notes == ("applied from here: --seed 42 -> 7",) and plan.reset == frozenset()
+    assert (plan.gradient_accumulation_steps, plan.amp_dtype) == (1, "auto")
+    assert vars(args) == before  # the plan only reads the flags: settle applies it
+    checkpoint, args = saved_run(tmp_path, samples_done=8, seed=7)
+    with pytest.raises(ConfigError, match=r"^ck.pth stopped in the middle of epoch 2, whose sample order comes from "
+                                          r"--seed 42: pass --seed 42 \(a new seed applies from an epoch's start\)$"):
+        resume.plan_resume(checkpoint, "ck.pth", args, world_size=1)
+
+
+def test_the_plan_names_the_parts_reset_and_keeps_the_global_batch(tmp_path):
+    checkpoint, args = saved_run(tmp_path, optimizer="sgd", reset_optimizer=True, reset_best=True, batch_size=2)
+    plan = resume.plan_resume(checkpoint, "ck.pth", args, world_size=1)
+    assert plan.reset == {"optimizer", "best"} and plan.gradient_accumulation_steps == 2
+    assert plan.notes == ("gradient accumulation 2 keeps the global batch at 4 on 1 process(es) (was 4 x 1 processes "
+                          "x 1 accumulation)", "--reset_best: forget the best value, top-k and early-stopping count",
+                          "--reset_optimizer: start the optimizer's state (moments) afresh")
 
 
 # ------------------------------------------------------------------ refusals, each with its way out

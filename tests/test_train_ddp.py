@@ -22,6 +22,7 @@ from conftest import (
 
 import train_ddp
 from dataset import IMAGENET_MEAN, IMAGENET_STD, AugmentedImageFolder, build_loaders
+from engine.batches import BatchStage
 from engine.checkpoint import load_checkpoint
 from engine.distributed import DistContext
 from engine.metrics import evaluate
@@ -107,9 +108,9 @@ def evaluate_in_one_process(checkpoint_path, val_dir, image_size):
                                   seed=0, pin_memory=False)
     args = train_ddp.parse_args(["--batch_size", "3"])
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    pieces = SimpleNamespace(amp_dtype=torch.float32, memory_format=torch.contiguous_format, mean=IMAGENET_MEAN,
-                             std=IMAGENET_STD)
-    return evaluate(model, val_loader, len(val_set), pieces, args, ctx)
+    stage = BatchStage(ctx.device, IMAGENET_MEAN, IMAGENET_STD, torch.contiguous_format)
+    pieces = SimpleNamespace(amp_dtype=torch.float32, stage=stage)
+    return evaluate(model, val_loader, len(val_set), pieces, ctx, args.batch_size, args.use_amp)
 
 
 def test_distributed_validation_equals_one_process_exactly_on_an_odd_sized_set(tiny_data, tmp_path):

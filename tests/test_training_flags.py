@@ -29,10 +29,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_recipe import closed_form_lr
 
 import train_ddp
-from config import build_parser
+from config import Settled, build_parser
 from dataset import AugmentedImageFolder, normalize
 from engine.distributed import DistContext
-from engine.training import build_training, cpu_has_native_bfloat16, resolve_amp
+from engine.training import build_training, cpu_has_native_bfloat16, resolve_amp, settle
 from model import build_model
 
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4
@@ -238,6 +238,41 @@ def test_sync_bn_on_cpu_prints_its_note_and_trains_plain_batch_norm(shared_data,
     assert math.isfinite(history_of(out)["train_loss"][0])
 
 
+# ------------------------------------------------------------------ 5a. the settled configuration
+
+def test_settle_resolves_the_derived_values_once_and_the_result_refuses_writes(shared_data, tmp_path, capsys):
+    cpu = DistContext(0, 0, 1, torch.device("cpu"))
+    parsed = train_ddp.parse_args(data_flags(shared_data, str(tmp_path), model="tiny_cnn", use_amp=True))
+    args, plan = settle(parsed, cpu)
+    assert isinstance(args, Settled) and plan is None
+    assert args.gradient_accumulation_steps == 1 and parsed.gradient_accumulation_steps is None  # parsed stay
+    assert (args.use_amp, args.amp_dtype) == ((True, "bfloat16") if cpu_amp_choice() == torch.bfloat16
+                                              else (False, "auto"))
+    for write in (lambda: setattr(args, "epochs", 2), lambda: delattr(args, "epochs")):
+        with pytest.raises(AttributeError, match="--epochs cannot change after engine.training.settle"):
+            write()
+    assert args.epochs == 1 and set(vars(args)) == set(vars(parsed))
+    assert json.loads(json.dumps(vars(args))) == vars(args)  # what logs/config.json and checkpoints hold
+    moved = args.replaced(pretrained_weights="weights.pth")
+    assert isinstance(moved, Settled) and (moved.pretrained_weights, args.pretrained_weights) == ("weights.pth", None)
+
+
+def test_a_real_run_trains_on_the_settled_configuration_and_records_it(shared_data, tmp_path, monkeypatch):
+    built = []
+
+    def build_training_recording(args, *rest, **options):
+        built.append(args)
+        return build_training(args, *rest, **options)
+
+    monkeypatch.setattr(train_ddp, "build_training", build_training_recording)
+    out = str(tmp_path)
+    assert train_ddp.main(data_flags(out=out, data=shared_data, model="tiny_cnn", limit_train_batches=2)) == 0
+    [args] = built
+    assert isinstance(args, Settled) and args.gradient_accumulation_steps == 1
+    with open(f"{out}/logs/config.json") as f:
+        assert json.load(f) == vars(args) == latest(out)["config"]
+
+
 # ------------------------------------------------------------------ 5b. AMP on a CPU
 
 def cpu_amp_choice():
@@ -262,8 +297,8 @@ def test_use_amp_on_a_cpu_never_runs_float16_and_says_what_it_runs(shared_data, 
 
 def test_the_amp_choice_is_the_training_s_own_and_gpus_keep_float16(shared_data, tmp_path, capsys):
     cpu = DistContext(0, 0, 1, torch.device("cpu"))
-    args = train_ddp.parse_args(data_flags(shared_data, str(tmp_path), model="tiny_cnn", use_amp=True,
-                                           gradient_accumulation_steps=1))
+    args, _ = settle(train_ddp.parse_args(data_flags(shared_data, str(tmp_path), model="tiny_cnn", use_amp=True,
+                                                     gradient_accumulation_steps=1)), cpu)
     training = build_training(args, cpu, len(CLASSES), STEPS_PER_EPOCH)
     assert training.amp_dtype == cpu_amp_choice() and not training.scaler.is_enabled()
     assert len(capsys.readouterr().out.splitlines()) == 1  # the one line that says so

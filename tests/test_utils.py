@@ -1,4 +1,4 @@
-"""utils.py: the history, its plot CLI and atomic JSON."""
+"""utils.py: the history, its plot CLI, and the history written as JSON (core.files.write_json_atomic)."""
 import json
 import os
 import sys
@@ -9,7 +9,8 @@ from conftest import REPO, run_cli
 from PIL import Image
 
 import utils
-from utils import HISTORY_KEYS, append_history, new_history, write_json_atomic
+from core.files import write_json_atomic
+from utils import HISTORY_KEYS, append_history, new_history
 
 
 def three_epoch_history():
