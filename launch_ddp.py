@@ -146,7 +146,9 @@ def run(command, num_gpus):
         wakeup = signal.set_wakeup_fd(wake_write)  # a signal ends the wait in select at once
         try:
             for signum, handler in handlers.items():
-                if handler != signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+                # Under nohup SIGHUP stays ignored; a SIGINT/SIGTERM ignored by whoever started the
+                # launcher (a shell's background job, a wrapper) still stops the job, as it does the workers.
+                if handler != signal.SIG_IGN or signum in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(signum, lambda signum, _frame: received.append(signum))
             child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
             relay = Relay(sys.stderr.buffer, child.pid)

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny real ImageFolder on disk and helpers that run the real CLIs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,17 @@ def make_tiny_data(root):
     val = write_image_folder(os.path.join(root, "data", "val"), per_class=3, seed=1)
     os.remove(os.path.join(val, "square", "002.png"))
     return dict(train_dir=train, val_dir=val, root=str(root))
+
+
+@pytest.fixture(autouse=True)
+def restore_stop_signal_handlers():
+    """A cache build stopped in this process ignores further stop signals from then on
+    (cache_file.stay_stopped), as a process that is ending should; the tests after it, and the
+    processes they start, must not inherit that."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture

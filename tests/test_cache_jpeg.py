@@ -227,7 +227,7 @@ def test_a_compressed_cache_that_fits_once_but_not_twice_is_built(noisy_folder, 
         images, path, built = build_or_open(dataset, 64, str(small), 0, quality=90)
         assert built and os.path.getsize(path) == size and os.listdir(small) == [os.path.basename(path)]
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "--lazy", str(small)])  # an open memmap would keep it busy
 
 
 def test_a_compressed_cache_too_large_for_its_disk_is_refused_with_its_real_size_and_leaves_nothing(
@@ -244,7 +244,7 @@ def test_a_compressed_cache_too_large_for_its_disk_is_refused_with_its_real_size
         assert f"{small} has" in message and "--cache_images" in message and "\n" not in message
         assert os.listdir(small) == []
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "--lazy", str(small)])  # an open memmap would keep it busy
 
 
 def test_an_assembly_that_runs_out_of_space_says_the_caches_real_size_and_removes_what_it_wrote(tmp_path):
@@ -267,4 +267,4 @@ def test_an_assembly_that_runs_out_of_space_says_the_caches_real_size_and_remove
         assert os.listdir(small) == ["images.jpegs.tmp"] and os.fstat(fd).st_size == 0  # NodeLeader removes it
         os.close(fd)
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "--lazy", str(small)])  # an open memmap would keep it busy

@@ -133,16 +133,24 @@ def long_epochs(tmp_path):
                 val_dir=write_image_folder(str(tmp_path / "val"), per_class=1, seed=1))
 
 
+def ignore_stop_signals():
+    """What a non-interactive shell does to a job started with `&` (SIGINT), or a wrapper to both."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum,started_ignoring", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                                     (signal.SIGTERM, True)])
 def test_a_stop_signal_to_the_launchers_process_group_saves_and_exits_128_plus_signal_without_traceback(
-        tmp_path, signum):
+        tmp_path, signum, started_ignoring):
     # The launcher leads a process group of its own, as a shell's job does; a terminal's Ctrl-C is
-    # SIGINT to that whole group, a scheduler's notice SIGTERM to it.
+    # SIGINT to that whole group, a scheduler's notice SIGTERM to it. A launcher started with the
+    # stop signals ignored still stops on them, as its workers do.
     flags = data_flags(long_epochs(tmp_path), str(tmp_path), model="tiny_cnn", batch_size=1, epochs=1000)
     launcher = subprocess.Popen(LAUNCH + ["--num_gpus", "2"] + flags, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO), text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=ignore_stop_signals if started_ignoring else None)
     latest = f"{tmp_path}/checkpoints/checkpoint_latest.pth"
     wait_for_checkpoint(latest, lambda c: c["epoch"] >= 1)  # epoch 2 has begun
     job = descendants(launcher.pid)
