@@ -85,6 +85,7 @@ def build_parser():
                     "torchrun's environment.",
         formatter_class=HelpFormatter, allow_abbrev=False)
     add_data_flags(parser.add_argument_group("data"))
+    add_augmentation_flags(parser.add_argument_group("augmentation (torchvision's and timm's recipes)"))
     add_model_flags(parser.add_argument_group("model"))
     add_optimisation_flags(parser.add_argument_group("optimisation"))
     add_precision_flags(parser.add_argument_group("precision and distribution"))
@@ -101,10 +102,16 @@ def add_data_flags(data):
                            "sets the demo recipe for any flag not given")
     data.add_argument("--image_size", type=int, default=None,
                       help="training and evaluation crop size in pixels (default 224, or the --pretrained "
-                           "weights' own)")
+                           "weights' own); --train_crop_size and --val_crop_size set each apart")
     data.add_argument("--resize_size", type=int, default=None,
                       help="evaluation: the shorter side is resized to this, then center-cropped to image_size "
                            "(default image_size / 0.875, or the --pretrained weights' ratio)")
+    data.add_argument("--train_crop_size", type=int, default=None,
+                      help="training crop size (FixRes: smaller than the evaluation crop; default --image_size)")
+    data.add_argument("--val_crop_size", type=int, default=None,
+                      help="evaluation center-crop size (default --image_size); predict.py and export.py use it")
+    data.add_argument("--val_resize_size", type=int, default=None,
+                      help="evaluation: shorter side resized to this before the center crop (same as --resize_size)")
     data.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                       help="per-channel normalisation mean of 0-1 pixels (default ImageNet's, or the --pretrained "
                            "weights' own)")
@@ -135,6 +142,40 @@ def add_data_flags(data):
                            "instead of stopping with an error that names the file")
 
 
+def add_augmentation_flags(augment):
+    augment.add_argument("--auto_augment", choices=["ta_wide", "ra", "augmix", "imagenet", "cifar10", "svhn"],
+                         default=None,
+                         help="per-sample policy after the crop and flip: TrivialAugmentWide, RandAugment, AugMix, "
+                              "or AutoAugment's imagenet/cifar10/svhn policy (torchvision's operations)")
+    augment.add_argument("--ra_magnitude", type=int, default=9, help="RandAugment's magnitude (0-30)")
+    augment.add_argument("--ra_num_ops", type=int, default=2, help="RandAugment's operations per image")
+    augment.add_argument("--augmix_severity", type=int, default=3, help="AugMix's severity (1-10)")
+    augment.add_argument("--color_jitter", type=float, default=0.0,
+                         help="brightness, contrast and saturation jitter F: factors in [1-F, 1+F] (0: off)")
+    augment.add_argument("--random_erase", type=float, default=0.0,
+                         help="probability of erasing a random rectangle of a training image (torchvision's "
+                              "RandomErasing; 0: off)")
+    augment.add_argument("--mixup_alpha", type=float, default=0.0, help="mixup: lambda ~ Beta(alpha, alpha) (0: off)")
+    augment.add_argument("--cutmix_alpha", type=float, default=0.0, help="cutmix: lambda ~ Beta(alpha, alpha) (0: off)")
+    augment.add_argument("--mix_prob", type=float, default=1.0,
+                         help="probability that a pair of samples is mixed (pairs are consecutive in the global "
+                              "sample order, so every layout mixes the same pairs)")
+    augment.add_argument("--mix_switch_prob", type=float, default=0.5,
+                         help="with both mixup and cutmix: probability that a mixed pair uses cutmix")
+    augment.add_argument("--mix_off_epoch", type=int, default=0,
+                         help="no mixing from this epoch on (0: mix to the end)")
+    augment.add_argument("--ra_reps", type=int, default=1,
+                         help="repeated augmentation: every image N times per epoch, differently augmented, on "
+                              "different processes (torchvision's RASampler; the epoch keeps the dataset's length)")
+    augment.add_argument("--progressive_min_size", type=int, default=None,
+                         help="progressive resizing: train at this crop size up to --progressive_start_epoch, then "
+                              "grow linearly (multiples of 16 px) to --train_crop_size at --progressive_end_epoch")
+    augment.add_argument("--progressive_start_epoch", type=int, default=1, help="progressive resizing: ramp start")
+    augment.add_argument("--progressive_end_epoch", type=int, default=None,
+                         help="progressive resizing: the first epoch at the full --train_crop_size (default: "
+                              "the last 15%% of --epochs train at full size)")
+
+
 def add_model_flags(model):
     model.add_argument("--model", default="resnet18",
                        help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) "
@@ -162,6 +203,15 @@ def add_optimisation_flags(optim):
                        help="optimizer (fused implementation)")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    optim.add_argument("--norm_weight_decay", type=float, default=None,
+                       help="weight decay of normalisation layers' weights (torchvision's recipe: 0; default: "
+                            "--weight_decay)")
+    optim.add_argument("--bias_weight_decay", type=float, default=None,
+                       help="weight decay of biases (default: --weight_decay)")
+    optim.add_argument("--layer_decay", type=float, default=None,
+                       help="layer-wise learning-rate decay for fine-tuning: layer d of L trains at F^(L-1-d) "
+                            "times the rate, the head at the full rate (e.g. 0.75)")
     optim.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     optim.add_argument("--freeze_backbone_epochs", type=int, default=0,
                        help="fine-tuning: train only the classification head (the last linear layer) for the "
@@ -174,7 +224,14 @@ def add_optimisation_flags(optim):
                        help="learning-rate schedule, stepped per optimizer step")
     optim.add_argument("--lr_step_epochs", type=int, default=30, help="step schedule: decay every N epochs")
     optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor")
-    optim.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, in optimizer steps")
+    optim.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up, in optimizer steps")
+    optim.add_argument("--lr_warmup_epochs", type=int, default=0, help="learning-rate warm-up, in epochs")
+    optim.add_argument("--lr_warmup_method", choices=["linear", "constant"], default="linear",
+                       help="warm-up: rate ramped linearly from lr_warmup_decay x the peak, or held at it")
+    optim.add_argument("--lr_warmup_decay", type=float, default=None,
+                       help="the warm-up's starting factor of the peak rate (default: 1 / (warm-up steps + 1) "
+                            "linear, 0.01 constant)")
+    optim.add_argument("--lr_min", type=float, default=0.0, help="cosine schedule: the rate it decays to")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=None,
                        help="micro-batches per optimizer step; the gradient all-reduce runs on the last only "
                             "(default 1; on resume, whatever keeps the checkpoint's global batch)")
@@ -184,7 +241,10 @@ def add_optimisation_flags(optim):
     optim.add_argument("--use_ema", action="store_true",
                        help="keep an exponential moving average of the weights (torch AveragedModel); "
                             "it is validated, monitored and saved as ema_state_dict")
-    optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step")
+    optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per update")
+    optim.add_argument("--ema_steps", type=int, default=1, help="update the EMA every N optimizer steps")
+    optim.add_argument("--ema_warmup", action="store_true",
+                       help="EMA decay warm-up (timm's): min(decay, (1 + n) / (10 + n)) at update n")
     optim.add_argument("--max_nonfinite_steps", type=int, default=20,
                        help="stop with an error after this many consecutive optimizer steps with a NaN/Inf "
                             "loss or gradient (each such step is skipped)")
@@ -281,9 +341,12 @@ def parse_args(argv=None, other_flags=()):
     if args.num_workers is None:
         args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     validate_args(args)  # the values as given: a default derived from a bad one would hide it
+    split_crop_sizes(args)
     if not args.pretrained:  # with --pretrained, the ranks fill them in from the weights' own transform
         fill_preprocessing(args)
         check_preprocessing(args)
+        fill_crop_sizes(args)
+        check_recipe_sizes(args)
     return args
 
 
@@ -329,6 +392,23 @@ def fill_preprocessing(args, image_size=DEFAULT_IMAGE_SIZE, resize_fraction=EVAL
     if args.resize_size is None:
         args.resize_size = eval_resize_size(args.image_size, resize_fraction)
     args.mean, args.std = list(mean if args.mean is None else args.mean), list(std if args.std is None else args.std)
+
+
+def split_crop_sizes(args):
+    """--image_size and --resize_size are shorthands: the settled configuration keeps the
+    evaluation sizes in them (what checkpoints' preprocessing and predict.py read) once
+    --val_crop_size/--val_resize_size are taken in, and the training crop in --train_crop_size
+    (filled from --image_size when the preprocessing is: fill_crop_sizes)."""
+    args.train_crop_size = args.train_crop_size or args.image_size
+    args.image_size = args.val_crop_size or args.image_size
+    args.resize_size = args.val_resize_size or args.resize_size
+
+
+def fill_crop_sizes(args):
+    """After the preprocessing is filled in: the training crop defaults to the evaluation crop, and
+    --val_crop_size/--val_resize_size record the evaluation sizes."""
+    args.train_crop_size = args.train_crop_size or args.image_size
+    args.val_crop_size, args.val_resize_size = args.image_size, args.resize_size
 
 
 def check_preprocessing(args):
@@ -397,12 +477,15 @@ def read_config_file(path, parser):
 
 def validate_args(args):
     positive = ["epochs", "batch_size", "image_size", "resize_size", "gradient_accumulation_steps",
-                "log_every_steps", "max_nonfinite_steps"]
+                "log_every_steps", "max_nonfinite_steps", "train_crop_size", "val_crop_size", "val_resize_size",
+                "ra_num_ops", "augmix_severity", "ra_reps", "ema_steps", "progressive_min_size",
+                "progressive_start_epoch", "progressive_end_epoch"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    limits = dict(batch_size=65536, epochs=1_000_000, image_size=4096, resize_size=8192,
-                  gradient_accumulation_steps=65536, num_workers=256)
+    limits = dict(batch_size=65536, epochs=1_000_000, image_size=4096, resize_size=8192, train_crop_size=4096,
+                  val_crop_size=4096, val_resize_size=8192, gradient_accumulation_steps=65536, num_workers=256,
+                  ra_magnitude=30, ra_num_ops=14, augmix_severity=10, ra_reps=16)
     for name, limit in limits.items():
         if getattr(args, name) is not None and getattr(args, name) > limit:
             raise ConfigError(f"--{name} {getattr(args, name)} is beyond any sensible value (at most {limit})")
@@ -443,13 +526,70 @@ def validate_args(args):
         raise ConfigError("--pretrained and --pretrained_weights both name starting weights; give one of them")
     if not 0 <= args.hflip_prob <= 1:
         raise ConfigError(f"--hflip_prob must be in [0, 1], got {args.hflip_prob}")
+    validate_recipe(args)
     for name in ("checkpoint_dir", "log_dir"):
         check_writable_dir(getattr(args, name), name)
 
 
-def image_size_too_small(model, image_size, smallest):
-    return (f"--image_size {image_size} is too small for {model}: its smallest input is {smallest} px; "
-            f"use --image_size {smallest} or more")
+def validate_recipe(args):
+    """The modern recipe's flags (augmentation, mixing, weight-decay groups, schedule, EMA), as given."""
+    for name in ("random_erase", "mix_prob", "mix_switch_prob", "color_jitter"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ConfigError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("ra_magnitude", "mixup_alpha", "cutmix_alpha", "mix_off_epoch", "lr_warmup_epochs", "lr_min",
+                 "norm_weight_decay", "bias_weight_decay"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    mixing = args.mixup_alpha > 0 or args.cutmix_alpha > 0
+    if mixing and args.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix mix pairs of samples within each process's batch: --batch_size must be "
+                          f"even, got {args.batch_size}")
+    if mixing and args.skip_bad_images:
+        raise ConfigError("mixup/cutmix pair samples by their place in the batch, which a skipped image would shift: "
+                          "drop --skip_bad_images (fix or remove the unreadable files) or the mixing")
+    asked = [flag for flag, on in (("auto_augment", args.auto_augment), ("color_jitter", args.color_jitter),
+                                   ("random_erase", args.random_erase), ("mixup_alpha", mixing and args.mixup_alpha),
+                                   ("cutmix_alpha", mixing and args.cutmix_alpha), ("ra_reps", args.ra_reps > 1),
+                                   ("progressive_min_size", args.progressive_min_size)) if on]
+    if asked and (args.no_augmentation or args.overfit_batches):
+        raise ConfigError(f"--{'no_augmentation' if args.no_augmentation else 'overfit_batches'} trains without "
+                          f"augmentation, but --{asked[0]} asks for some: drop one of them")
+    if args.warmup_steps and args.lr_warmup_epochs:
+        raise ConfigError("--warmup_steps and --lr_warmup_epochs both set the warm-up's length; give one of them")
+    if args.lr_warmup_decay is not None and not 0 < args.lr_warmup_decay <= 1:
+        raise ConfigError(f"--lr_warmup_decay must be in (0, 1], got {args.lr_warmup_decay}")
+    if args.lr_min >= args.learning_rate:
+        raise ConfigError(f"--lr_min {args.lr_min:g} must be below --learning_rate {args.learning_rate:g}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise ConfigError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
+        raise ConfigError("--nesterov is SGD's Nesterov momentum: it needs --optimizer sgd and --momentum above 0")
+    if args.progressive_end_epoch is not None and args.progressive_min_size is None:
+        raise ConfigError("--progressive_end_epoch needs --progressive_min_size (the size the ramp starts from)")
+
+
+def check_recipe_sizes(args):
+    """Checks that need the settled crop sizes (after the --pretrained weights' own are filled in)."""
+    if args.train_crop_size < SMALLEST_IMAGE_SIZE.get(args.model, 1):
+        raise ConfigError(image_size_too_small(args.model, args.train_crop_size, SMALLEST_IMAGE_SIZE[args.model],
+                                               "train_crop_size"))
+    low = args.progressive_min_size
+    if low is not None:
+        if low >= args.train_crop_size:
+            raise ConfigError(f"--progressive_min_size {low} must be below the training crop size "
+                              f"{args.train_crop_size}")
+        if low < SMALLEST_IMAGE_SIZE.get(args.model, 1):
+            raise ConfigError(image_size_too_small(args.model, low, SMALLEST_IMAGE_SIZE[args.model],
+                                                   "progressive_min_size"))
+        end = args.progressive_end_epoch
+        if end is not None and not args.progressive_start_epoch < end:
+            raise ConfigError(f"--progressive_end_epoch {end} must come after --progressive_start_epoch "
+                              f"{args.progressive_start_epoch}")
+
+
+def image_size_too_small(model, image_size, smallest, flag="image_size"):
+    return (f"--{flag} {image_size} is too small for {model}: its smallest input is {smallest} px; "
+            f"use --{flag} {smallest} or more")
 
 
 def check_writable_dir(path, flag):

@@ -28,6 +28,8 @@ from core.errors import DataError
 from engine.distributed import validation_shard
 from inputs.augment import draw_crops
 from inputs.folders import check_data_folders, class_folders, find_files
+from inputs.mixing import Mixing
+from inputs.policies import Policy, augment_batch
 from inputs.sampling import GlobalOrderSampler
 
 # Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
@@ -170,13 +172,15 @@ def planar(image, out=None):
 class AugmentedImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder returning (uint8 CHW tensor, label, index).
 
-    Training items are addressed by (epoch, index) and get a random resized crop and a
-    horizontal flip drawn for (seed, epoch, index) (augment.py); eval items by index and get
-    resize + center crop.
+    Training items are addressed by (epoch, sample key) and get a random resized crop and a
+    horizontal flip drawn for (seed, epoch, key) (augment.py), then the per-sample `policy`
+    (inputs/policies.py) when `policy_in_workers`; the key is the image's index, or index +
+    copy × dataset size for a copy of repeated augmentation (sampling.py). Eval items are
+    addressed by index and get resize + center crop.
     """
 
     def __init__(self, root, image_size, train, seed=0, min_crop_scale=0.08, hflip_prob=0.5,
-                 fast_decode=True, skip_bad_images=False, augment=True, resize_size=None):
+                 fast_decode=True, skip_bad_images=False, augment=True, resize_size=None, policy=None):
         self.train = train  # read by find_classes, which ImageFolder's __init__ calls
         super().__init__(root)
         self.augment = augment
@@ -187,6 +191,7 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         self.crop_scale = (min_crop_scale, 1.0)
         self.hflip_prob = hflip_prob
         self.fast_decode = fast_decode
+        self.policy = policy  # applied here on the file path; None where the batch stage applies it
 
     def find_classes(self, directory):
         """The same classes check_data_folders reports: hidden folders (.ipynb_checkpoints) are not classes."""
@@ -212,31 +217,47 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
         return samples
 
     def __getitem__(self, key):
-        """(image, label, index); None for an unreadable file when skip_bad_images is set."""
+        """(image, label, key); None for an unreadable file when skip_bad_images is set."""
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys):
         """The items of a whole batch (torch's loader workers fetch through this method): training
-        crops are drawn for all of them in one call (augment.draw_crops)."""
-        indices = [key[1] for key in keys] if self.train else list(keys)
-        if not (self.train and self.augment):
-            load = functools.partial(load_eval, image_size=self.image_size, resize_size=self.resize_size,
-                                     fast_decode=self.fast_decode)
-            return [self.item(index, load) for index in indices]
+        crops are drawn for all of them in one call (augment.draw_crops), and the policy runs on
+        the batch of crops (policies.augment_batch)."""
+        if not self.train:
+            return [self.item(index, index, self.load_eval) for index in keys]
+        sample_keys = [key[1] for key in keys]
+        indices = [key % len(self.samples) for key in sample_keys]
+        if not self.augment:
+            return [self.item(index, key, self.load_eval) for index, key in zip(indices, sample_keys)]
         sizes = [self.readable(self.samples[index][0], header_size) for index in indices]
         drawn = [row for row, size in enumerate(sizes) if size is not None]
-        boxes, flips = draw_crops(self.seed, [keys[row][0] for row in drawn], [indices[row] for row in drawn],
-                                  [sizes[row][0] for row in drawn], [sizes[row][1] for row in drawn],
-                                  self.crop_scale, self.hflip_prob)
+        epochs, drawn_keys = [keys[row][0] for row in drawn], [sample_keys[row] for row in drawn]
+        boxes, flips = draw_crops(self.seed, epochs, drawn_keys, [sizes[row][0] for row in drawn],
+                                  [sizes[row][1] for row in drawn], self.crop_scale, self.hflip_prob)
         items = [None] * len(keys)
         for row, box, flip in zip(drawn, boxes.tolist(), flips.tolist()):
-            items[row] = self.item(indices[row], functools.partial(self.load_train, size=sizes[row], box=box,
-                                                                   flip=flip))
+            items[row] = self.item(indices[row], sample_keys[row],
+                                   functools.partial(self.load_train, size=sizes[row], box=box, flip=flip))
+        if self.policy is not None and self.policy.active:
+            self.apply_policy(items, [key[0] for key in keys])
         return items
 
-    def item(self, index, load):
+    def apply_policy(self, items, epochs):
+        """The per-sample policy on this batch's readable crops, as one batch, in place."""
+        rows = [row for row, item in enumerate(items) if item is not None]
+        if rows:
+            augmented = augment_batch(torch.stack([items[row][0] for row in rows]), self.policy, self.seed,
+                                      [epochs[row] for row in rows], [items[row][2] for row in rows])
+            for row, image in zip(rows, augmented):
+                items[row] = (image, *items[row][1:])
+
+    def load_eval(self, path):
+        return load_eval(path, self.image_size, self.resize_size, self.fast_decode)
+
+    def item(self, index, key, load):
         image = self.readable(self.samples[index][0], load)
-        return None if image is None else (torch.from_numpy(planar(image)), self.samples[index][1], index)
+        return None if image is None else (torch.from_numpy(planar(image)), self.samples[index][1], key)
 
     def readable(self, path, load):
         """load(path); an unreadable file raises a DataError naming it, or with skip_bad_images
@@ -260,12 +281,17 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
 
 
 def build_datasets(args, world_size=1):
-    """The train and val sets and the class names."""
+    """The train and val sets and the class names. Training crops are --train_crop_size, evaluation
+    crops --image_size (the settled --val_crop_size) of --resize_size. On the file path the
+    loader workers apply the per-sample policy; the other paths' batch stage does."""
     class_names = check_data_folders(args.train_dir, args.val_dir)
-    train_set = AugmentedImageFolder(args.train_dir, args.image_size, train=True, seed=args.seed,
+    same_size = args.train_crop_size == args.image_size
+    files = not (args.cache_images or args.decode_on_device)
+    train_set = AugmentedImageFolder(args.train_dir, args.train_crop_size, train=True, seed=args.seed,
                                      min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
                                      skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation,
-                                     resize_size=args.resize_size)
+                                     resize_size=args.resize_size if same_size else None,
+                                     policy=augmentation_policy(args) if files else None)
     val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False, skip_bad_images=args.skip_bad_images,
                                    resize_size=args.resize_size)
     if args.overfit_batches:
@@ -301,15 +327,32 @@ def leave_process_group(_worker_id):
     os.setsid()
 
 
-def train_sampler(train_set, batch_size, rank, world_size, seed):
-    """This rank's share of each epoch's global sample sequence (sampling.py); refuses a training
-    set smaller than one batch on every rank."""
-    return GlobalOrderSampler(len(train_set), batch_size, rank, world_size, seed)
+def augmentation_policy(args):
+    """The per-sample policy of the run's flags (inputs/policies.py), None when there is none."""
+    policy = Policy(args.auto_augment, args.ra_magnitude, args.ra_num_ops, args.augmix_severity, args.color_jitter)
+    return policy if policy.active and not args.no_augmentation else None
 
 
-def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory):
+def mixing_of(args):
+    """The run's mixup/cutmix (inputs/mixing.py), None without."""
+    mixing = Mixing(args.mixup_alpha, args.cutmix_alpha, args.mix_prob, args.mix_switch_prob, args.mix_off_epoch)
+    return mixing if mixing.configured and not args.no_augmentation else None
+
+
+def sequence_shape(args):
+    """The global sequence's shape of the run's flags (sampling.py): pairs when mixing, --ra_reps copies."""
+    return dict(unit=2 if mixing_of(args) else 1, repeats=args.ra_reps)
+
+
+def train_sampler(train_set, batch_size, rank, world_size, seed, unit=1, repeats=1):
+    """This rank's share of each epoch's global sample sequence (sampling.py; `unit` and `repeats`:
+    sequence_shape); refuses a training set smaller than one batch on every rank."""
+    return GlobalOrderSampler(len(train_set), batch_size, rank, world_size, seed, unit=unit, repeats=repeats)
+
+
+def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory, unit=1, repeats=1):
     """Train loader over the global-order sampler; val loader over this rank's unpadded shard."""
-    sampler = train_sampler(train_set, batch_size, rank, world_size, seed)
+    sampler = train_sampler(train_set, batch_size, rank, world_size, seed, unit, repeats)
     # Own generators: creating a loader iterator then draws nothing from the global torch RNG,
     # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,

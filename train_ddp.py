@@ -214,16 +214,17 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
         group_start = i - i % accumulation
         group_size = min(accumulation, num_batches - group_start)  # the last group may be short
         is_update = i + 1 == group_start + group_size
-        loss = forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx)
+        loss, pairs = forward_backward(training, images, labels, epoch, indices, skipped, group_size, is_update,
+                                       sums, args, ctx)
         progress.update()
         if trace:
-            trace.add(indices)
+            trace.add(indices, pairs)
         if not is_update:
             continue
-        grad_norm = optimizer_step(training, params, sums, args)
         state.step = update = i // accumulation + 1
-        state.samples_done = min((i + 1) * sampler.row, state.epoch_samples)
         global_step = (epoch - 1) * training.steps_per_epoch + update
+        grad_norm = optimizer_step(training, params, sums, global_step, args)
+        state.samples_done = min((i + 1) * sampler.row, state.epoch_samples)
         last = state.samples_done == state.epoch_samples
         if trace:
             trace.write(epoch, update)
@@ -245,23 +246,27 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
     return sums
 
 
-def forward_backward(training, images, labels, skipped, group_size, is_update, sums, args, ctx):
-    """One micro-batch: forward under autocast, scaled backward, running sums. Returns the loss."""
-    images, labels = training.stage.train_batch(images, labels)
+def forward_backward(training, images, labels, epoch, keys, skipped, group_size, is_update, sums, args, ctx):
+    """One micro-batch: the batch stage's augmentation, forward under autocast, scaled backward,
+    running sums. Returns (the loss, the mixed pairs' draw or None). Under mixing the targets are
+    soft (cross-entropy with probabilities, smoothed by --label_smoothing as hard labels are) and
+    training accuracy counts the label with the larger share of each mixed image."""
+    images, targets, pairs = training.stage.train_batch(images, labels, epoch, keys)
     # DDP decides whether to all-reduce during forward, so forward and backward both sit in no_sync.
     skip_sync = training.model.no_sync() if not is_update and ctx.distributed else nullcontext()
     with skip_sync:
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
             logits = training.model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
         training.scaler.scale(loss / group_size).backward()
-    sums.add_batch(loss, logits, labels, skipped)
-    return loss
+    sums.add_batch(loss, logits, targets if pairs is None else targets.argmax(dim=1), skipped)
+    return loss, pairs
 
 
-def optimizer_step(training, params, sums, args):
+def optimizer_step(training, params, sums, global_step, args):
     """Unscale once, clip, step (skipped on the device when the gradients are not finite), move
-    the schedule and the EMA on. Returns the gradient norm (before clipping) of `params`."""
+    the schedule on, and the EMA every --ema_steps global steps. Returns the gradient norm (before
+    clipping) of `params`."""
     optimizer, scaler = training.optimizer, training.scaler
     scaler.unscale_(optimizer)  # clip true gradients, once per update
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -272,7 +277,7 @@ def optimizer_step(training, params, sums, args):
     optimizer.zero_grad(set_to_none=True)
     learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
     training.scheduler.step()
-    if training.ema is not None:
+    if training.ema is not None and global_step % args.ema_steps == 0:
         training.ema.update_parameters(unwrap(training.model))
     sums.add_update(nonfinite, learning_rate)
     return grad_norm

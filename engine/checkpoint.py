@@ -16,6 +16,8 @@ from core.errors import CheckpointError, first_line
 from core.files import fsync_directory, link_or_copy_atomic, write_atomic
 from engine.recipe import load_scheduler_state
 from inputs.augment import GENERATOR as CROP_GENERATOR
+from inputs.mixing import GENERATOR as MIX_GENERATOR
+from inputs.policies import GENERATOR as POLICY_GENERATOR
 from model import load_trained_weights, strip_wrapper_prefixes, unwrap
 from utils import append_history, new_history
 
@@ -41,6 +43,8 @@ SCHEMA = {
     "preprocessing": "the evaluation transform the weights expect (predict.py and export.py apply it): image_size "
                      "(center crop), resize_size (shorter side first), mean and std (of 0-1 pixels)",
     "crop_generator": "how training crops were drawn (augment.GENERATOR); older checkpoints lack it",
+    "draws": "every kind of random draw the run made, by name, and the generator that made it (draws_of); "
+             "older checkpoints lack it",
     "rng": "every rank's torch RNG states (dropout), in rank order",
     "train_partial": "every rank's running sums of the epoch in progress (metrics.EpochSums), or None",
 }
@@ -121,6 +125,19 @@ def checkpoint_preprocessing(checkpoint):
     return checkpoint.get("preprocessing") or preprocessing_of(checkpoint["config"])
 
 
+def draws_of(config):
+    """{draw: generator} of the random draws a run's flags make: crops always; the per-sample
+    policy, erasing and mixing when on. A resume notes a generator that changed (resume.plan_resume)."""
+    draws = dict(crop=CROP_GENERATOR)
+    if config.get("auto_augment") or config.get("color_jitter"):
+        draws["policy"] = POLICY_GENERATOR
+    if config.get("random_erase"):
+        draws["erase"] = POLICY_GENERATOR
+    if config.get("mixup_alpha") or config.get("cutmix_alpha"):
+        draws["mix"] = MIX_GENERATOR
+    return draws
+
+
 @dataclass
 class RunState:
     """Where a run stands besides its weights and optimizer: the epoch and step it has reached,
@@ -152,7 +169,7 @@ class RunState:
             scheduler_state_dict=training.scheduler.state_dict(),
             **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "train_partial"},
             class_names=class_names, model_name=config["model"], config=config,
-            preprocessing=preprocessing_of(config), crop_generator=CROP_GENERATOR, rng=rng,
+            preprocessing=preprocessing_of(config), crop_generator=CROP_GENERATOR, draws=draws_of(config), rng=rng,
             train_partial=train_partial)
         if training.ema is not None:
             checkpoint.update(ema_state_dict=training.ema.module.state_dict(),

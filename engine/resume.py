@@ -15,7 +15,7 @@ behaviour on resume). README's "Fault tolerance" section has the same contract a
 - Kept: the AMP dtype a run trained with, when --amp_dtype is not given (auto), as the
   accumulation is.
 - Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...);
-  those in EPOCH_START_ONLY (--seed) are refused in the middle of an epoch.
+  those in EPOCH_START_ONLY (--seed, --ra_reps) are refused in the middle of an epoch.
 - Refused unless the part is explicitly started afresh: the flags in RESETTABLE (another optimizer,
   schedule, peak rate, --backbone_lr_scale, monitored metric).
 - Refused: the flags in NEVER (another model, another global batch), and another class set.
@@ -27,8 +27,8 @@ kept and then starts the reset ones afresh.
 from dataclasses import dataclass
 
 from core.errors import CheckpointError, ConfigError
-from engine.checkpoint import RunState
-from engine.recipe import restart_scheduler
+from engine.checkpoint import RunState, draws_of
+from engine.recipe import apply_weight_decay, restart_scheduler
 from inputs.augment import GENERATOR
 
 # Free to change: where the data and files are, how the run is fed, placed on its processes,
@@ -44,11 +44,16 @@ FREE = frozenset({
 })
 # Applied from the next step, each change named on the "Resumed from" line ("applied from here:
 # --weight_decay 0.01 -> 0.2", in this order); --epochs has words of its own (the schedule re-planned).
-APPLIED = ("epochs", "freeze_backbone_epochs", "weight_decay", "momentum", "max_grad_norm", "label_smoothing",
-           "use_ema", "ema_decay", "use_amp", "amp_dtype", "image_size", "resize_size", "mean", "std",
-           "cache_format", "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation",
-           "seed", "early_stopping_patience", "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
-EPOCH_START_ONLY = ("seed",)  # applied flags an epoch's sample order comes from: refused in the middle of one
+APPLIED = ("epochs", "freeze_backbone_epochs", "weight_decay", "momentum", "nesterov", "max_grad_norm",
+           "label_smoothing", "use_ema", "ema_decay", "ema_steps", "ema_warmup", "use_amp", "amp_dtype", "image_size",
+           "resize_size", "train_crop_size", "val_crop_size", "val_resize_size", "mean", "std", "cache_format",
+           "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation", "auto_augment",
+           "ra_magnitude", "ra_num_ops", "augmix_severity", "color_jitter", "random_erase", "mixup_alpha",
+           "cutmix_alpha", "mix_prob", "mix_switch_prob", "mix_off_epoch", "ra_reps", "progressive_min_size",
+           "progressive_start_epoch", "progressive_end_epoch", "seed", "early_stopping_patience",
+           "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
+# Applied flags an epoch's sample sequence comes from: refused in the middle of one.
+EPOCH_START_ONLY = ("seed", "ra_reps")
 # Refused unless every --reset_* named is given: flag -> the resets its change needs.
 RESETTABLE = {
     "optimizer": ("reset_optimizer",),
@@ -59,7 +64,15 @@ RESETTABLE = {
     "lr_step_epochs": ("reset_lr_schedule",),
     "lr_gamma": ("reset_lr_schedule",),
     "monitor_metric": ("reset_best",),
-    "backbone_lr_scale": ("reset_optimizer", "reset_lr_schedule"),  # it regroups the optimizer's parameters
+    "lr_min": ("reset_lr_schedule",),
+    "lr_warmup_epochs": ("reset_lr_schedule",),
+    "lr_warmup_method": ("reset_lr_schedule",),
+    "lr_warmup_decay": ("reset_lr_schedule",),
+    # These regroup the optimizer's parameters (recipe.parameter_groups).
+    "backbone_lr_scale": ("reset_optimizer", "reset_lr_schedule"),
+    "norm_weight_decay": ("reset_optimizer", "reset_lr_schedule"),
+    "bias_weight_decay": ("reset_optimizer", "reset_lr_schedule"),
+    "layer_decay": ("reset_optimizer", "reset_lr_schedule"),
 }
 RESETS = {  # reset flag -> the part it starts afresh, and what that does
     "reset_optimizer": ("optimizer", "start the optimizer's state (moments) afresh"),
@@ -72,7 +85,27 @@ NEVER = {
     "batch_size": "the global batch, batch x processes x accumulation (keep_global_batch)",
     "gradient_accumulation_steps": "the global batch (keep_global_batch); adapts when not given",
 }
-TRAINED_WITHOUT = {"backbone_lr_scale": 1.0}  # flags older checkpoints lack: the value they trained with
+# Flags older checkpoints lack: the value they trained with (a name: the flag whose value it had).
+TRAINED_WITHOUT = {
+    "backbone_lr_scale": 1.0, "norm_weight_decay": None, "bias_weight_decay": None, "layer_decay": None,
+    "lr_min": 0.0, "lr_warmup_epochs": 0, "lr_warmup_method": "linear", "lr_warmup_decay": None, "nesterov": False,
+    "ema_steps": 1, "ema_warmup": False, "auto_augment": None, "ra_magnitude": 9, "ra_num_ops": 2,
+    "augmix_severity": 3, "color_jitter": 0.0, "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+    "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_off_epoch": 0, "ra_reps": 1, "progressive_min_size": None,
+    "progressive_start_epoch": 1, "progressive_end_epoch": None,
+    "train_crop_size": "image_size", "val_crop_size": "image_size", "val_resize_size": "resize_size",
+}
+
+
+def trained_value(saved, flag, otherwise):
+    """The value a checkpoint's run had for `flag`: its config's, the TRAINED_WITHOUT value for
+    older checkpoints, else `otherwise`."""
+    if flag in saved:
+        return saved[flag]
+    if flag not in TRAINED_WITHOUT:
+        return otherwise
+    value = TRAINED_WITHOUT[flag]
+    return saved.get(value) if value in ("image_size", "resize_size") else value
 
 
 @dataclass(frozen=True)
@@ -103,13 +136,14 @@ def plan_resume(checkpoint, path, args, world_size):
     saved = checkpoint["config"]
     reset = frozenset(part for flag, (part, _) in RESETS.items() if getattr(args, flag))
     for flag, resets in RESETTABLE.items():
-        trained, asked = saved.get(flag, TRAINED_WITHOUT.get(flag, getattr(args, flag))), getattr(args, flag)
+        trained, asked = trained_value(saved, flag, getattr(args, flag)), getattr(args, flag)
         if trained != asked and not {RESETS[name][0] for name in resets} <= reset:
             raise ConfigError(refusal(path, flag, trained, asked, resets))
     for flag in EPOCH_START_ONLY:
-        if checkpoint.get("samples_done") and saved.get(flag, getattr(args, flag)) != getattr(args, flag):
+        trained = trained_value(saved, flag, getattr(args, flag))
+        if checkpoint.get("samples_done") and trained != getattr(args, flag):
             raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
-                              f"comes from --{flag} {saved[flag]}: pass --{flag} {saved[flag]} (a new {flag} applies "
+                              f"comes from --{flag} {trained}: pass --{flag} {trained} (a new {flag} applies "
                               "from an epoch's start)")
     amp_dtype = kept_amp_dtype(saved, args.use_amp, args.amp_dtype)
     accumulation, kept = keep_global_batch(checkpoint, path, args.batch_size, args.gradient_accumulation_steps,
@@ -118,6 +152,10 @@ def plan_resume(checkpoint, path, args, world_size):
     if checkpoint.get("crop_generator") != GENERATOR:
         notes.append("training crops are drawn by augment.py's counter-based generator from here (this "
                      "checkpoint's run drew them per sample with Python's random): same distribution, other crops")
+    trained_draws = checkpoint.get("draws", {})
+    notes += [f"{name} draws are made by {generator} from here (this checkpoint's run used {trained_draws[name]}): "
+              "same distribution, other draws" for name, generator in draws_of(vars(args)).items()
+              if name in trained_draws and trained_draws[name] != generator]
     notes += sorted(f"--{flag}: {effect}" for flag, (part, effect) in RESETS.items() if part in reset)
     return ResumePlan(reset, tuple(note for note in notes if note), accumulation, amp_dtype)
 
@@ -146,8 +184,8 @@ def applied_changes(saved, values, reset):
     if saved.get("epochs", values["epochs"]) != values["epochs"]:
         plan = "schedule re-planned for" if values["lr_scheduler"] == "cosine" and "lr_schedule" not in reset else "now"
         notes.append(f"{plan} {values['epochs']} epochs (was {saved['epochs']})")
-    changed = [f"--{flag} {saved[flag]} -> {values[flag]}" for flag in APPLIED
-               if flag != "epochs" and flag in saved and saved[flag] != values[flag]]
+    trained = {flag: trained_value(saved, flag, values[flag]) for flag in APPLIED if flag != "epochs"}
+    changed = [f"--{flag} {trained[flag]} -> {values[flag]}" for flag in trained if trained[flag] != values[flag]]
     if changed:
         notes.append("applied from here: " + ", ".join(changed))
     return notes
@@ -201,8 +239,10 @@ def resume_run(checkpoint, training, rank, plan, args):
         training.scheduler = restart_scheduler(training.optimizer, args, training.learning_rate,
                                                training.steps_per_epoch,
                                                max(args.epochs * training.steps_per_epoch - done, 1))
+    apply_weight_decay(training.optimizer, args.weight_decay, args.norm_weight_decay, args.bias_weight_decay)
     for group in training.optimizer.param_groups:
-        group["weight_decay"] = args.weight_decay
         if "momentum" in group:
             group["momentum"] = args.momentum
+        if "nesterov" in group:
+            group["nesterov"] = args.nesterov
     return state

@@ -15,10 +15,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import InterpolationMode
 
-from config import PREPROCESSING_FLAGS, Settled, check_preprocessing, fill_preprocessing
+from config import (
+    PREPROCESSING_FLAGS,
+    Settled,
+    check_preprocessing,
+    check_recipe_sizes,
+    fill_crop_sizes,
+    fill_preprocessing,
+)
 from core.errors import ModelError
-from dataset import build_datasets, build_loaders, prepare_digits_demo
-from engine.batches import BatchStage
+from dataset import augmentation_policy, build_datasets, build_loaders, mixing_of, prepare_digits_demo, sequence_shape
+from engine.batches import BatchStage, progressive_end_epoch
 from engine.distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from engine.loggers import RunLogger
 from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
@@ -73,7 +80,10 @@ def settle(args, ctx, checkpoint=None, checkpoint_path=None):
     `args` is left as parsed. Returns (the settled configuration, the ResumePlan or None)."""
     args = argparse.Namespace(**vars(args))  # resolved in a copy, frozen at the end
     resolve_preprocessing(args, ctx)
-    check_image_size(args.model, args.image_size)
+    fill_crop_sizes(args)
+    check_recipe_sizes(args)
+    for size in {args.image_size, args.train_crop_size, args.progressive_min_size} - {None}:
+        check_image_size(args.model, size)
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     plan = None
@@ -98,7 +108,7 @@ def build_data(args, ctx):
     else:
         train_loader, val_loader = build_loaders(
             train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,
-            pin_memory=ctx.device.type == "cuda")
+            pin_memory=ctx.device.type == "cuda", **sequence_shape(args))
     return Data(train_loader, val_loader, class_names, len(train_set), len(val_set))
 
 
@@ -125,13 +135,28 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     batches_per_epoch = min(batches_in_loader, args.limit_train_batches or batches_in_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
-    ema = build_ema(model, args.ema_decay) if args.use_ema else None
+    ema = build_ema(model, args.ema_decay, warmup=args.ema_warmup) if args.use_ema else None
     model = wrap(model, ctx, args.find_unused_parameters, args.compile)
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
-    stage = BatchStage(ctx.device, tuple(args.mean), tuple(args.std), memory_format)
+    stage = build_stage(args, ctx, num_classes, memory_format)
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, stage, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
                     JointChecks(ctx.device), trace)
+
+
+def build_stage(args, ctx, num_classes, memory_format):
+    """The run's batch stage: normalisation and layout, and the recipe's batch-level steps (the
+    per-sample policy where the loader has not applied it: every path but the files')."""
+    files = not (args.cache_images or args.decode_on_device)
+    augmenting = not (args.no_augmentation or args.overfit_batches)
+    progressive = None
+    if args.progressive_min_size:
+        end = progressive_end_epoch(args.epochs, args.progressive_start_epoch, args.progressive_end_epoch)
+        progressive = (args.train_crop_size, args.progressive_min_size, args.progressive_start_epoch, end)
+    return BatchStage(ctx.device, tuple(args.mean), tuple(args.std), memory_format, seed=args.seed,
+                      num_classes=num_classes, policy=None if files else augmentation_policy(args),
+                      random_erase=args.random_erase if augmenting else 0.0, mixing=mixing_of(args),
+                      progressive=progressive)
 
 
 def wrap(model, ctx, find_unused_parameters, compile):

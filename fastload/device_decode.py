@@ -22,7 +22,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2.functional import to_dtype
 
 from core.errors import DataError
-from dataset import BAND_ASPECT, UNREADABLE, open_rgb, planar, resize_shorter_side, train_sampler
+from dataset import BAND_ASPECT, UNREADABLE, open_rgb, planar, resize_shorter_side, sequence_shape, train_sampler
 from engine.distributed import validation_shard
 from fastload.readahead import crop_on_device, key_batches, read_ahead
 from inputs.augment import draw_crops
@@ -50,18 +50,19 @@ class DeviceDecodedFiles:
     def read_batch(self, chunk):
         """The batch's files: JPEG bytes, or pixels decoded here for other formats. On a CPU they
         are decoded and cropped here too (the reader threads release the GIL while they decode)."""
-        indices = torch.tensor([key[1] if self.train else key for key in chunk])
+        keys = torch.tensor([key[1] if self.train else key for key in chunk])
         epochs = [key[0] for key in chunk] if self.train else [None] * len(chunk)
+        indices = keys % len(self.labels)  # a copy of repeated augmentation reads its image (sampling.py)
         files = [self.read(index) for index in indices.tolist()]
         labels = self.labels[indices]
         if self.device.type != "cuda":
-            return self.decode_and_crop(files, epochs, indices), labels, indices
-        return (files, epochs), labels.pin_memory(), indices
+            return self.decode_and_crop(files, epochs, keys), labels, keys
+        return (files, epochs), labels.pin_memory(), keys
 
-    def decode_read(self, read, indices):
+    def decode_read(self, read, keys):
         """On a GPU: a read batch decoded and cropped there."""
         files, epochs = read
-        return self.decode_and_crop(files, epochs, indices)
+        return self.decode_and_crop(files, epochs, keys)
 
     def read(self, index):
         path = self.dataset.samples[index][0]
@@ -86,8 +87,10 @@ class DeviceDecodedFiles:
         except UNREADABLE as exc:
             raise unreadable(path, exc) from None
 
-    def decode_and_crop(self, files, epochs, indices):
-        """Decode the batch's JPEGs in one call on the device, then crop each image."""
+    def decode_and_crop(self, files, epochs, keys):
+        """Decode the batch's JPEGs in one call on the device, then crop each image (drawn for the
+        samples' keys)."""
+        indices = keys % len(self.labels)
         jpegs = [row for row, data in enumerate(files) if data.dim() == 1]
         decoded = list(files)
         if jpegs:  # decode_jpeg refuses an empty list (a batch of PNGs)
@@ -104,7 +107,7 @@ class DeviceDecodedFiles:
                                   dataset.image_size)
         # On the decoded sizes, as the file path draws on the header's.
         heights, widths = zip(*(image.shape[-2:] for image in decoded))
-        boxes, flips = draw_crops(dataset.seed, epochs, indices, widths, heights, dataset.crop_scale,
+        boxes, flips = draw_crops(dataset.seed, epochs, keys, widths, heights, dataset.crop_scale,
                                   dataset.hflip_prob)
         return crop_on_device(decoded, boxes, flips, dataset.image_size)
 
@@ -135,7 +138,7 @@ def unreadable(path, exc):
 
 def build_device_decoded_loaders(train_set, val_set, args, ctx):
     """Train and val loaders that decode on ctx.device (--decode_on_device)."""
-    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed, **sequence_shape(args))
     train_loader = DeviceDecodedFiles(train_set, sampler, args.batch_size, True, ctx.device)
     val_shard = validation_shard(len(val_set), ctx.rank, ctx.world_size)
     return train_loader, DeviceDecodedFiles(val_set, val_shard, args.batch_size, False, ctx.device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
-from dataset import planar, resized_crop, train_sampler
+from dataset import planar, resized_crop, sequence_shape, train_sampler
 from engine import distributed
 from fastload.cache_file import NodeLeader, Team, describe_cache, stay_stopped, storage_size
 from fastload.cache_jpeg import JpegImages, describe_jpeg_cache
@@ -182,12 +182,12 @@ class CachedBatches:
         yield from read_ahead(self.read_batch, key_batches(keys, self.batch_size, len(self)), self.device,
                               self.crop_stored)
 
-    def crop_stored(self, read, indices):
+    def crop_stored(self, read, keys):
         """On a GPU: a read batch's stored images copied (or, compressed, decoded by nvjpeg, batched)
         and cropped there."""
         pixels, boxes, flips = read
         if pixels is None:
-            pixels = self.images.decode_on(indices, self.device)
+            pixels = self.images.decode_on(keys % len(self.labels), self.device)
         else:
             pixels = pixels.to(self.device, non_blocking=True)
         if boxes is not None:
@@ -198,15 +198,16 @@ class CachedBatches:
         """One batch from the cache. For a GPU: the stored pixels, crop boxes and flips, and the
         labels, in pinned memory (copied without a host sync and cropped there). For the CPU:
         finished uint8 crops, made here in the reader thread (crop_on_cpu)."""
-        indices = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
+        keys = torch.from_numpy(np.array([key[1] if self.train else key for key in chunk]))
+        indices = keys % len(self.labels)  # a copy of repeated augmentation reads its image (sampling.py)
         labels = self.labels[indices]
         boxes = flips = None
         if self.train and self.augment:
-            boxes, flips = self.draw_crops([key[0] for key in chunk], indices)
+            boxes, flips = self.draw_crops([key[0] for key in chunk], keys)
         if self.device.type != "cuda":
-            return self.crop_on_cpu(indices, boxes, flips), labels, indices
+            return self.crop_on_cpu(indices, boxes, flips), labels, keys
         boxes, flips = (torch.from_numpy(a).pin_memory() if a is not None else None for a in (boxes, flips))
-        return (self.stored_pixels(indices), boxes, flips), labels.pin_memory(), indices
+        return (self.stored_pixels(indices), boxes, flips), labels.pin_memory(), keys
 
     def crop_on_cpu(self, indices, boxes, flips):
         """The batch's crops, NCHW uint8: center crops without boxes; training crops by the file
@@ -259,8 +260,8 @@ def build_cached_loaders(train_set, val_set, args, ctx):
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
         opened.append(images)
-    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed)
-    train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.image_size,
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed, **sequence_shape(args))
+    train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.train_crop_size,
                                  ctx.device, drop_last=False, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
                                  hflip_prob=args.hflip_prob, augment=train_set.augment)
     val_shard = distributed.validation_shard(len(val_set), ctx.rank, ctx.world_size)

@@ -8,8 +8,18 @@ positions [s·G, (s+1)·G), G = R × accumulation, on any number of processes. A
 therefore a position in that sequence, and a resume on another world size or per-process batch
 continues at exactly the next sample when G is kept (resume.keep_global_batch keeps it).
 
+Two recipe options shape the sequence, still as a pure function of (seed, epoch):
+- Mixing (mixup/cutmix, inputs/mixing.py) pairs positions (2k, 2k+1), and ranks take whole
+  pairs (units of 2) in turn, so a pair is always in one process's micro-batch, on any layout
+  with an even per-process batch.
+- Repeated augmentation (--ra_reps N, torchvision's RASampler) repeats each unit N times in a
+  row; taken in turn by the ranks, the copies land on different processes. Copy c of dataset
+  image i has the sample key i + c × dataset size, from which its augmentation is drawn
+  (augment.py), so every copy is augmented differently; loaders read image key % dataset size.
+  An epoch then trains the dataset's size rounded down to a multiple of 256, as RASampler does.
+
 The epoch has no padding: it trains its whole rows, up to --limit_train_batches of them, and
-the rest of the permutation waits for the next epoch's shuffle (as drop_last does).
+the rest of the sequence waits for the next epoch's shuffle (as drop_last does).
 """
 import json
 import math
@@ -21,24 +31,31 @@ from torch.utils.data import Sampler
 
 from core.errors import ConfigError, DataError
 from engine.distributed import broadcast_object
+from inputs.mixing import pair_trace
 
 
 class GlobalOrderSampler(Sampler):
     """This rank's share of the epoch's sequence from position `start` to `end`, yielding
-    (epoch, index) so a loader worker knows which epoch it augments for."""
+    (epoch, sample key) so a loader worker knows which epoch it augments for. `unit`: positions
+    a rank takes together (2 with mixing); `repeats`: --ra_reps."""
 
-    def __init__(self, dataset_size, batch_size, rank, world_size, seed, max_rows=None):
+    def __init__(self, dataset_size, batch_size, rank, world_size, seed, max_rows=None, unit=1, repeats=1):
         self.dataset_size, self.batch_size, self.rank, self.world_size = dataset_size, batch_size, rank, world_size
-        self.seed, self.max_rows = seed, max_rows
+        self.seed, self.max_rows, self.unit, self.repeats = seed, max_rows, unit, repeats
         self.row = batch_size * world_size  # one micro-batch on every rank
         if self.row > dataset_size:
             raise DataError(f"the training set has {dataset_size} images, {dataset_size // world_size} per "
                             f"process: fewer than --batch_size {batch_size}; lower --batch_size")
+        if batch_size % unit:
+            raise ConfigError(f"mixing pairs samples within a process's batch: --batch_size must be even, "
+                              f"got {batch_size}")
         self.set_epoch(0)
 
     def epoch_length(self):
-        """Positions a whole epoch trains: its full rows, at most max_rows of them."""
-        rows = self.dataset_size // self.row
+        """Positions a whole epoch trains: its full rows, at most max_rows of them. With repeats,
+        the dataset's size rounded down to a multiple of 256 (RASampler's length)."""
+        length = self.dataset_size if self.repeats == 1 or self.dataset_size < 256 else self.dataset_size // 256 * 256
+        rows = length // self.row
         return min(rows, self.max_rows or rows) * self.row
 
     def set_epoch(self, epoch, start=0, end=None):
@@ -46,25 +63,42 @@ class GlobalOrderSampler(Sampler):
         `end` (the epoch's planned length; default: this layout's whole epoch)."""
         self.epoch, self.start = epoch, start
         self.end = self.epoch_length() if end is None else end
-        tail = (self.end - self.start) % self.row
+        if start % self.unit:
+            raise ConfigError(f"epoch {epoch} stopped at position {start}, inside a pair that mixing would train "
+                              "together: turn mixing on at an epoch's start (resume with the mixing flags of the "
+                              "run that saved the checkpoint until its epoch ends)")
+        tail = (self.end - self.start) % self.row // self.unit
         if 0 < tail < self.world_size:  # some rank would have no last micro-batch: a collective would hang
             raise ConfigError(
                 f"epoch {epoch} cannot be continued exactly on {self.world_size} processes: its last "
-                f"{tail} sample(s) cannot be shared among them; resume with at most {tail} processes, "
+                f"{tail * self.unit} sample(s) cannot be shared among them; resume with at most {tail} processes, "
                 "or let the epoch finish where it was started")
 
     def permutation(self):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.dataset_size, generator=generator).tolist()
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def sequence(self):
+        """The epoch's sample keys in global order: the permutation's units, each repeated."""
+        order = self.permutation()
+        if self.unit == 1 and self.repeats == 1:
+            return order.tolist()
+        units = order[:len(order) // self.unit * self.unit].view(-1, 1, self.unit)
+        copies = torch.arange(self.repeats).view(1, -1, 1) * self.dataset_size
+        return (units + copies).flatten().tolist()
+
+    def positions(self):
+        """This rank's positions: every world_size-th unit from `start`."""
+        first_units = range(self.start // self.unit + self.rank, self.end // self.unit, self.world_size)
+        return (unit * self.unit + offset for unit in first_units for offset in range(self.unit))
 
     def __iter__(self):
-        positions = range(self.start + self.rank, self.end, self.world_size)
-        order = self.permutation()
-        return ((self.epoch, order[p]) for p in positions)
+        order = self.sequence()
+        return ((self.epoch, order[p]) for p in self.positions())
 
     def __len__(self):
-        return len(range(self.start + self.rank, self.end, self.world_size))
+        return len(range(self.start // self.unit + self.rank, self.end // self.unit, self.world_size)) * self.unit
 
     def batches(self):
         """Micro-batches this rank loads from `start` on: the same count on every rank."""
@@ -81,20 +115,29 @@ class SampleTrace:
         self.path = os.path.join(log_dir, "sample_trace", f"rank{ctx.rank}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.run = broadcast_object(time.time_ns())
-        self.pending = []
+        self.pending, self.pending_pairs = [], []
 
-    def add(self, indices):
-        self.pending += indices.tolist()
+    def add(self, keys, pairs=None):
+        """A micro-batch's sample keys and, when it was mixed, its pairs: [first key, second key,
+        lambda, mixup|cutmix|none] each (mixing.pair_trace)."""
+        keys = keys.tolist()
+        self.pending += keys
+        if pairs is not None:
+            self.pending_pairs += [[first, second, *drawn]
+                                   for first, second, drawn in zip(keys[0::2], keys[1::2], pair_trace(pairs))]
 
     def write(self, epoch, step):
+        line = dict(run=self.run, epoch=epoch, step=step, indices=self.pending)
+        if self.pending_pairs:
+            line["pairs"] = self.pending_pairs
         with open(self.path, "a") as f:
-            f.write(json.dumps(dict(run=self.run, epoch=epoch, step=step, indices=self.pending)) + "\n")
-        self.pending = []
+            f.write(json.dumps(line) + "\n")
+        self.pending, self.pending_pairs = [], []
 
 
-def read_trace(log_dir):
+def read_trace(log_dir, field="indices"):
     """{(epoch, step): sorted indices trained by all ranks} from a run's trace files, each step
-    taken from the last run that trained it."""
+    taken from the last run that trained it; field="pairs": the step's mixed pairs instead."""
     lines = []
     for name in sorted(os.listdir(os.path.join(log_dir, "sample_trace"))):
         with open(os.path.join(log_dir, "sample_trace", name)) as f:
@@ -107,5 +150,5 @@ def read_trace(log_dir):
     for line in lines:
         key = (line["epoch"], line["step"])
         if line["run"] == latest[key]:
-            steps.setdefault(key, []).extend(line["indices"])
+            steps.setdefault(key, []).extend(line.get(field, []))
     return {key: sorted(indices) for key, indices in sorted(steps.items())}

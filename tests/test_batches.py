@@ -65,7 +65,7 @@ def test_the_stage_normalises_with_the_runs_mean_and_std_in_the_models_memory_fo
     labels = torch.tensor([1, 0])
     stage = BatchStage(CPU, IMAGENET_MEAN, IMAGENET_STD, torch.channels_last)
     for prepare in (stage.eval_batch, stage.train_batch):
-        model_input, staged_labels = prepare(images, labels)
+        model_input, staged_labels = prepare(images, labels)[:2]
         expected = (images / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
             1, 3, 1, 1)
         torch.testing.assert_close(model_input, expected, rtol=0, atol=1e-5)

@@ -144,3 +144,63 @@ def test_a_two_process_run_on_two_cores_starts_no_more_workers_than_cores(tiny_d
     assert "worker processes in total" not in result.stdout + result.stderr
     with open(f"{tmp_path}/logs/config.json") as f:
         assert json.load(f)["num_workers"] == 1
+
+
+# ------------------------------------------------------------------ the modern recipe's flags
+
+def readme_recipe_command():
+    """The README's translation of torchvision's ResNet-50 v2 command, as train_ddp.py's flags."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        text = f.read()
+    block = text.split("<!-- torchvision-v2-recipe -->", 1)[1].split("```", 2)[1]
+    words = block.replace("\\\n", " ").split()
+    return words[words.index("train_ddp.py") + 1:]
+
+
+def test_the_readme_translates_torchvisions_resnet50_v2_command_into_flags_that_parse(tmp_path):
+    args = parse_args(readme_recipe_command() + ["--checkpoint_dir", str(tmp_path / "c"), "--log_dir",
+                                                 str(tmp_path / "l")])
+    expected = dict(model="resnet50", batch_size=128, optimizer="sgd", learning_rate=0.5, lr_scheduler="cosine",
+                    lr_warmup_epochs=5, lr_warmup_method="linear", lr_warmup_decay=0.01, auto_augment="ta_wide",
+                    epochs=600, random_erase=0.1, weight_decay=0.00002, norm_weight_decay=0.0, label_smoothing=0.1,
+                    mixup_alpha=0.2, cutmix_alpha=1.0, train_crop_size=176, image_size=224, val_crop_size=224,
+                    resize_size=232, val_resize_size=232, use_ema=True, ema_steps=32, ra_reps=4)
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
+def test_image_size_is_the_shorthand_for_both_crops_and_the_specific_flags_win(tmp_path):
+    out = ["--checkpoint_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l")]
+    sizes = ("train_crop_size", "image_size", "resize_size", "val_crop_size", "val_resize_size")
+    args = parse_args(["--image_size", "64", *out])
+    assert [getattr(args, name) for name in sizes] == [64, 64, 73, 64, 73]
+    args = parse_args(["--image_size", "64", "--train_crop_size", "48", "--val_resize_size", "80", *out])
+    assert [getattr(args, name) for name in sizes] == [48, 64, 80, 64, 80]
+    args = parse_args(["--train_crop_size", "176", "--val_crop_size", "224", "--val_resize_size", "232", *out])
+    assert [getattr(args, name) for name in sizes] == [176, 224, 232, 224, 232]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixup_alpha", "0.2", "--batch_size", "3"], "--batch_size must be even, got 3"),
+    (["--cutmix_alpha", "1", "--skip_bad_images"], "drop --skip_bad_images"),
+    (["--auto_augment", "ta_wide", "--no_augmentation"], "--no_augmentation trains without augmentation, but "
+                                                         "--auto_augment asks for some"),
+    (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
+    (["--mix_prob", "-0.1"], "--mix_prob must be in [0, 1]"),
+    (["--mixup_alpha", "-1"], "--mixup_alpha must be 0 or more"),
+    (["--ra_reps", "0"], "--ra_reps must be at least 1"),
+    (["--warmup_steps", "10", "--lr_warmup_epochs", "2"], "give one of them"),
+    (["--lr_min", "0.1", "--learning_rate", "0.01"], "--lr_min 0.1 must be below --learning_rate 0.01"),
+    (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
+    (["--nesterov"], "--nesterov is SGD's Nesterov momentum: it needs --optimizer sgd"),
+    (["--progressive_min_size", "64", "--image_size", "64"], "--progressive_min_size 64 must be below the training "
+                                                             "crop size 64"),
+    (["--progressive_end_epoch", "4"], "--progressive_end_epoch needs --progressive_min_size"),
+    (["--model", "alexnet", "--train_crop_size", "32", "--val_crop_size", "64"],
+     "--train_crop_size 32 is too small for alexnet: its smallest input is 63 px"),
+    (["--val_resize_size", "100", "--val_crop_size", "128"], "--resize_size 100 is smaller than --image_size 128"),
+])
+def test_impossible_recipe_flags_are_refused_in_one_line_before_torch_loads(tiny_data, tmp_path, flags, message):
+    result = run_cli([sys.executable, "launch_ddp.py", *data_flags(tiny_data, str(tmp_path), image_size=None), *flags],
+                     check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "checkpoints")

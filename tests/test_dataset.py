@@ -35,6 +35,8 @@ def data_args(data, **overrides):
     """The real parsed flags (train_ddp.py's defaults) for the tiny dataset."""
     args = parse_args(["--train_dir", data["train_dir"], "--val_dir", data["val_dir"], "--image_size", "16",
                        "--seed", "0"])
+    if "image_size" in overrides:  # the shorthand sets both crops, as on the command line
+        overrides.setdefault("train_crop_size", overrides["image_size"])
     vars(args).update(overrides)
     return args
 

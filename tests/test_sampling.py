@@ -62,3 +62,72 @@ def test_an_epoch_that_cannot_be_shared_among_the_new_processes_is_refused():
     sampler = GlobalOrderSampler(24, 2, 0, 4, seed=0)
     with pytest.raises(ConfigError, match="cannot be continued exactly on 4 processes: its last 2 sample"):
         sampler.set_epoch(1, start=20, end=22)
+
+
+def rank_batches(size, batch, world, seed=3, epoch=2, start=0, end=None, unit=1, repeats=1):
+    """Each rank's micro-batches of one epoch, as lists of sample keys."""
+    batches = []
+    for rank in range(world):
+        sampler = GlobalOrderSampler(size, batch, rank, world, seed, unit=unit, repeats=repeats)
+        sampler.set_epoch(epoch, start=start, end=end)
+        keys = [key for _, key in sampler]
+        batches.append([keys[i:i + batch] for i in range(0, len(keys), batch)])
+    return batches
+
+
+@pytest.mark.parametrize("batch, world", [(8, 1), (4, 2), (2, 4)])
+def test_with_mixing_ranks_take_whole_pairs_of_consecutive_positions_on_any_layout(batch, world):
+    sequence = [key for ranks in rank_batches(40, 40, 1, unit=2) for b in ranks for key in b]
+    pairs = {tuple(sequence[p:p + 2]) for p in range(0, len(sequence), 2)}
+    for ranks in rank_batches(40, batch, world, unit=2):
+        for micro_batch in ranks:
+            assert {tuple(micro_batch[r:r + 2]) for r in range(0, batch, 2)} <= pairs  # rows (2p, 2p+1) pair up
+    seen = sorted(key for ranks in rank_batches(40, batch, world, unit=2) for b in ranks for key in b)
+    assert seen == sorted(sequence)  # every position once
+
+
+def test_mixing_pairs_survive_a_resume_on_another_layout_mid_epoch():
+    before = {tuple(b[r:r + 2]) for ranks in rank_batches(48, 4, 2, unit=2) for b in ranks for r in (0, 2)}
+    after = {tuple(b[r:r + 2]) for ranks in rank_batches(48, 2, 4, unit=2, start=16, end=48)
+             for b in ranks for r in (0,)}
+    assert after <= before and len(after) == 16
+
+
+def test_mixing_cannot_start_inside_a_pair_and_needs_an_even_batch():
+    with pytest.raises(ConfigError, match="--batch_size must be even"):
+        GlobalOrderSampler(24, 3, 0, 1, seed=0, unit=2)
+    sampler = GlobalOrderSampler(24, 2, 0, 1, seed=0, unit=2)
+    with pytest.raises(ConfigError, match="inside a pair"):
+        sampler.set_epoch(1, start=3, end=24)
+
+
+def test_repeated_augmentation_puts_each_images_copies_on_different_ranks_with_distinct_keys():
+    size, world = 512, 4
+    batches = rank_batches(size, 8, world, repeats=3)
+    keys = [key for ranks in batches for b in ranks for key in b]
+    assert len(keys) == len(set(keys)) == 512  # RASampler's length: the dataset's, rounded to 256
+    for rank, ranks in enumerate(batches):
+        images = [key % size for b in ranks for key in b]
+        assert all(key // size < 3 for b in ranks for key in b)
+        assert len(images) - len(set(images)) < 8  # copies of one image land on other ranks
+    sequence = [key for ranks in rank_batches(size, 8, 1, repeats=3) for b in ranks for key in b]
+    assert [key % size for key in sequence[:6]] == [sequence[0]] * 3 + [sequence[3]] * 3  # copies in a row
+    assert sequence[:3] == [sequence[0], sequence[0] + size, sequence[0] + 2 * size]
+
+
+def test_repeated_augmentation_with_mixing_repeats_whole_pairs():
+    sequence = [key for ranks in rank_batches(512, 8, 1, unit=2, repeats=2) for b in ranks for key in b]
+    first, second = sequence[0], sequence[1]
+    assert sequence[:4] == [first, second, first + 512, second + 512]
+
+
+@pytest.mark.parametrize("unit, repeats", [(1, 1), (2, 1), (1, 3), (2, 2)])
+def test_every_sequence_shape_trains_the_same_samples_per_step_on_any_layout(unit, repeats):
+    def steps(batch, world, start=0):
+        per_rank = rank_batches(600, batch, world, start=start, end=512, unit=unit, repeats=repeats)
+        rows = [sorted(sum((ranks[q] for ranks in per_rank), [])) for q in range(len(per_rank[0]))]
+        return [sorted(sum(rows[s:s + 16 // (batch * world)], [])) for s in range(0, len(rows), 16 // (batch * world))]
+
+    reference = steps(8, 2)
+    assert steps(16, 1) == steps(4, 4) == steps(2, 8) == reference
+    assert steps(4, 2, start=64) == reference[4:]
