@@ -97,6 +97,18 @@ def build_parser():
 def add_data_flags(data):
     data.add_argument("--train_dir", default="data/train", help="ImageFolder root: train_dir/<class>/<images>")
     data.add_argument("--val_dir", default="data/val", help="ImageFolder root with the same classes as train_dir")
+    data.add_argument("--train_csv", default=None, metavar="FILE",
+                      help="labels from a CSV file instead of --train_dir's class folders: a header row, then one row "
+                           "per image (columns --image_column and --label_column)")
+    data.add_argument("--val_csv", default=None, metavar="FILE", help="the validation images' CSV file")
+    data.add_argument("--image_root", default=None, metavar="DIR",
+                      help="the folder the CSV files' image paths are relative to (default: each file's own folder)")
+    data.add_argument("--image_column", default="image", help="the CSV column holding image paths")
+    data.add_argument("--label_column", default="label", help="the CSV column holding labels")
+    data.add_argument("--sampling", choices=["uniform", "class_balanced", "sqrt"], default="uniform",
+                      help="training draws: each image once per epoch (uniform), or with replacement weighted so "
+                           "every class is drawn equally often (class_balanced) or in proportion to the square root "
+                           "of its size (sqrt); the epoch keeps the dataset's length")
     data.add_argument("--demo", action="store_true",
                       help=f"train on scikit-learn's handwritten digits, written once as PNGs to {DEMO_DIR}; "
                            "sets the demo recipe for any flag not given")
@@ -213,6 +225,12 @@ def add_optimisation_flags(optim):
                        help="layer-wise learning-rate decay for fine-tuning: layer d of L trains at F^(L-1-d) "
                             "times the rate, the head at the full rate (e.g. 0.75)")
     optim.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    optim.add_argument("--loss", choices=["ce", "focal"], default="ce",
+                       help="training loss: cross-entropy, or focal loss (down-weights easy examples, --focal_gamma)")
+    optim.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss: the focusing exponent gamma")
+    optim.add_argument("--class_weights", default="none", metavar="{none,balanced,FILE}",
+                       help="per-class weights of the training loss: none, balanced (n_images / (n_classes x "
+                            "class images), scikit-learn's), or a JSON file mapping class names to weights")
     optim.add_argument("--freeze_backbone_epochs", type=int, default=0,
                        help="fine-tuning: train only the classification head (the last linear layer) for the "
                             "first N epochs, backbone weights and batch-norm statistics frozen; then everything")
@@ -277,6 +295,8 @@ def add_debugging_flags(debug):
     debug.add_argument("--trace_samples", action="store_true",
                        help="record which dataset indices each rank trains at every optimizer step, in "
                             "log_dir/sample_trace/rank<R>.jsonl (resumed runs append)")
+    debug.add_argument("--tta", choices=["none", "flip"], default="none",
+                       help="test-time augmentation in validation: the mean softmax of each image and its mirror")
     debug.add_argument("--num_sanity_val_steps", type=int, default=2,
                        help="validation batches run before training, so a broken validation fails in seconds (0: off)")
 
@@ -284,7 +304,8 @@ def add_debugging_flags(debug):
 def add_output_flags(output):
     output.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of flag values (keys are flag names); command-line flags win")
-    output.add_argument("--monitor_metric", choices=["val_acc", "val_loss"], default="val_acc",
+    output.add_argument("--monitor_metric", choices=["val_acc", "val_loss", "val_macro_f1", "val_balanced_acc"],
+                        default="val_acc",
                         help="metric for checkpoint_best.pth, --save_top_k and early stopping (named so that "
                              "torchrun's own --monitor-interval does not swallow it)")
     output.add_argument("--early_stopping_patience", type=int, default=0,
@@ -564,6 +585,11 @@ def validate_recipe(args):
         raise ConfigError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
         raise ConfigError("--nesterov is SGD's Nesterov momentum: it needs --optimizer sgd and --momentum above 0")
+    if args.focal_gamma < 0:
+        raise ConfigError(f"--focal_gamma must be 0 or more, got {args.focal_gamma}")
+    if args.class_weights not in ("none", "balanced") and not os.path.isfile(args.class_weights):
+        raise ConfigError(f"--class_weights {args.class_weights}: no such file; give none, balanced, or a JSON file "
+                          "mapping class names to weights")
     if args.progressive_end_epoch is not None and args.progressive_min_size is None:
         raise ConfigError("--progressive_end_epoch needs --progressive_min_size (the size the ramp starts from)")
 

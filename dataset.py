@@ -27,10 +27,11 @@ from config import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size  # noqa: F401 (
 from core.errors import DataError
 from engine.distributed import validation_shard
 from inputs.augment import draw_crops
-from inputs.folders import check_data_folders, class_folders, find_files
+from inputs.folders import class_folders, find_files
+from inputs.label_files import LabelFile, run_data
 from inputs.mixing import Mixing
 from inputs.policies import Policy, augment_batch
-from inputs.sampling import GlobalOrderSampler
+from inputs.sampling import GlobalOrderSampler, sample_weights
 
 # Up to this aspect ratio the evaluation resize is torchvision's, pixel for pixel. Beyond it only
 # the central band that any center crop keeps is resized: memory grows with the resized image, and
@@ -280,23 +281,49 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
                             full_size=(width, height))
 
 
+class AugmentedLabelFile(AugmentedImageFolder):
+    """AugmentedImageFolder over the images of a label file (inputs/label_files.py) instead of
+    class folders: the same samples, targets, classes, class_to_idx and root (the image root), so
+    every input path (files, image cache, --decode_on_device) reads it unchanged. `classes` are the
+    run's (a val file may lack some of them)."""
+
+    def __init__(self, label_file, classes, image_size, train, **options):
+        self.label_file, self.run_classes = label_file, classes  # read by ImageFolder's __init__
+        super().__init__(label_file.root, image_size, train, **options)
+
+    def find_classes(self, directory):
+        return list(self.run_classes), {name: label for label, name in enumerate(self.run_classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """The label file's checked samples, already in ImageFolder's order."""
+        return [(path, class_to_idx[name]) for path, name in self.label_file.samples]
+
+
+def image_set(source, classes, image_size, train, **options):
+    """The dataset of a run_data source: a label file, or a class-folder root."""
+    if isinstance(source, LabelFile):
+        return AugmentedLabelFile(source, classes, image_size, train, **options)
+    return AugmentedImageFolder(source, image_size, train, **options)
+
+
 def build_datasets(args, world_size=1):
-    """The train and val sets and the class names. Training crops are --train_crop_size, evaluation
-    crops --image_size (the settled --val_crop_size) of --resize_size. On the file path the
-    loader workers apply the per-sample policy; the other paths' batch stage does."""
-    class_names = check_data_folders(args.train_dir, args.val_dir)
+    """The train and val sets and the class names, from class folders or label files
+    (label_files.run_data). Training crops are --train_crop_size, evaluation crops --image_size
+    (the settled --val_crop_size) of --resize_size. On the file path the loader workers apply the
+    per-sample policy; the other paths' batch stage does."""
+    data = run_data(args)
     same_size = args.train_crop_size == args.image_size
     files = not (args.cache_images or args.decode_on_device)
-    train_set = AugmentedImageFolder(args.train_dir, args.train_crop_size, train=True, seed=args.seed,
-                                     min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
-                                     skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation,
-                                     resize_size=args.resize_size if same_size else None,
-                                     policy=augmentation_policy(args) if files else None)
-    val_set = AugmentedImageFolder(args.val_dir, args.image_size, train=False, skip_bad_images=args.skip_bad_images,
-                                   resize_size=args.resize_size)
+    train_set = image_set(data.train, data.classes, args.train_crop_size, train=True, seed=args.seed,
+                          min_crop_scale=args.min_crop_scale, hflip_prob=args.hflip_prob,
+                          skip_bad_images=args.skip_bad_images, augment=not args.no_augmentation,
+                          resize_size=args.resize_size if same_size else None,
+                          policy=augmentation_policy(args) if files else None)
+    val_set = image_set(data.val, data.classes, args.image_size, train=False, skip_bad_images=args.skip_bad_images,
+                        resize_size=args.resize_size)
     if args.overfit_batches:
         train_set, val_set = overfit_subset(train_set, args.overfit_batches * args.batch_size * world_size, args.seed)
-    return train_set, val_set, class_names
+    return train_set, val_set, data.classes
 
 
 def overfit_subset(train_set, size, seed):
@@ -339,20 +366,23 @@ def mixing_of(args):
     return mixing if mixing.configured and not args.no_augmentation else None
 
 
-def sequence_shape(args):
-    """The global sequence's shape of the run's flags (sampling.py): pairs when mixing, --ra_reps copies."""
-    return dict(unit=2 if mixing_of(args) else 1, repeats=args.ra_reps)
+def sequence_shape(args, labels):
+    """The global sequence's shape of the run's flags (sampling.py) for a training set of `labels`:
+    pairs when mixing, --ra_reps copies, --sampling's weights."""
+    return dict(unit=2 if mixing_of(args) else 1, repeats=args.ra_reps, weights=sample_weights(labels, args.sampling))
 
 
-def train_sampler(train_set, batch_size, rank, world_size, seed, unit=1, repeats=1):
-    """This rank's share of each epoch's global sample sequence (sampling.py; `unit` and `repeats`:
-    sequence_shape); refuses a training set smaller than one batch on every rank."""
-    return GlobalOrderSampler(len(train_set), batch_size, rank, world_size, seed, unit=unit, repeats=repeats)
+def train_sampler(train_set, batch_size, rank, world_size, seed, unit=1, repeats=1, weights=None):
+    """This rank's share of each epoch's global sample sequence (sampling.py; `unit`, `repeats` and
+    `weights`: sequence_shape); refuses a training set smaller than one batch on every rank."""
+    return GlobalOrderSampler(len(train_set), batch_size, rank, world_size, seed, unit=unit, repeats=repeats,
+                              weights=weights)
 
 
-def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory, unit=1, repeats=1):
+def build_loaders(train_set, val_set, batch_size, num_workers, rank, world_size, seed, pin_memory, unit=1, repeats=1,
+                  weights=None):
     """Train loader over the global-order sampler; val loader over this rank's unpadded shard."""
-    sampler = train_sampler(train_set, batch_size, rank, world_size, seed, unit, repeats)
+    sampler = train_sampler(train_set, batch_size, rank, world_size, seed, unit, repeats, weights)
     # Own generators: creating a loader iterator then draws nothing from the global torch RNG,
     # whose stream (dropout) must continue exactly across a mid-epoch resume.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,

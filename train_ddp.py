@@ -21,7 +21,6 @@ if __name__ == "__main__":
     print_help_if_asked(sys.argv[1:])  # before torch loads, which takes seconds
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ from engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from engine.losses import class_weight_values, training_loss
 from engine.metrics import EpochSums, class_report, evaluate, evaluate_classes
 from engine.resume import resume_run
 from engine.training import build_data, build_training, enter_epoch, settle
@@ -94,8 +94,9 @@ def train(args, ctx, stop):
     args, plan = settle(args, ctx, checkpoint, resume_path)  # read-only from here
     data = build_data(args, ctx)
     args = start_afresh(args, ctx, resume_path)
+    class_weights = class_weight_values(args.class_weights, data.train_labels, data.class_names)
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop,
-                              resuming=checkpoint is not None)
+                              resuming=checkpoint is not None, class_weights=class_weights)
     state = resume_run(checkpoint, training, ctx.rank, plan, args) if checkpoint else RunState()
     if checkpoint:
         main_print(ctx, describe_resume(resume_path, state, plan.notes))
@@ -249,7 +250,7 @@ def train_one_epoch(training, data, epoch, state, args, ctx):
 def forward_backward(training, images, labels, epoch, keys, skipped, group_size, is_update, sums, args, ctx):
     """One micro-batch: the batch stage's augmentation, forward under autocast, scaled backward,
     running sums. Returns (the loss, the mixed pairs' draw or None). Under mixing the targets are
-    soft (cross-entropy with probabilities, smoothed by --label_smoothing as hard labels are) and
+    soft (the loss of probabilities, smoothed by --label_smoothing as hard labels are) and
     training accuracy counts the label with the larger share of each mixed image."""
     images, targets, pairs = training.stage.train_batch(images, labels, epoch, keys)
     # DDP decides whether to all-reduce during forward, so forward and backward both sit in no_sync.
@@ -257,7 +258,8 @@ def forward_backward(training, images, labels, epoch, keys, skipped, group_size,
     with skip_sync:
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
             logits = training.model(images)
-            loss = F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+            loss = training_loss(logits, targets, args.label_smoothing, training.class_weights, args.loss,
+                                 args.focal_gamma)
         training.scaler.scale(loss / group_size).backward()
     sums.add_batch(loss, logits, targets if pairs is None else targets.argmax(dim=1), skipped)
     return loss, pairs
@@ -374,8 +376,10 @@ def log_epoch(logger, record, global_step):
     metrics = {"epoch": record["epoch"], "train/epoch_loss": record["train_loss"],
                "train/epoch_acc": record["train_acc"], "train/samples_per_second": record["samples_per_second"],
                "val/loss": record["val_loss"], "val/acc": record["val_acc"]}
-    optional = {"val_acc5": "val/acc5", "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc",
-                "ema_val_acc5": "val/ema_acc5"}  # top-5 with more than 5 classes; the EMA's with --use_ema
+    # top-5 with more than 5 classes; the EMA's with --use_ema
+    optional = {"val_acc5": "val/acc5", "val_macro_f1": "val/macro_f1", "val_balanced_acc": "val/balanced_acc",
+                "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc", "ema_val_acc5": "val/ema_acc5",
+                "ema_val_macro_f1": "val/ema_macro_f1", "ema_val_balanced_acc": "val/ema_balanced_acc"}
     metrics.update({name: record[key] for key, name in optional.items() if key in record})
     logger.log(metrics, step=global_step)
 
@@ -400,6 +404,7 @@ def describe_epoch(record, state, args):
             f"acc {record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% ")
     if "val_acc5" in record:
         line += f"top-5 {record['val_acc5']:.2f}% "
+    line += f"macro-F1 {record['val_macro_f1']:.2f}% bal. acc {record['val_balanced_acc']:.2f}% "
     if "ema_val_acc" in record:
         top5 = f", top-5 {record['ema_val_acc5']:.2f}%" if "ema_val_acc5" in record else ""
         line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%{top5}) "
@@ -426,7 +431,7 @@ def describe_end(state, exit_code, seconds, args):
 
 
 def monitored_value(value, args):
-    return f"{value:.2f}%" if args.monitor_metric == "val_acc" else f"{value:.4g}"
+    return f"{value:.4g}" if args.monitor_metric == "val_loss" else f"{value:.2f}%"
 
 
 if __name__ == "__main__":

@@ -222,17 +222,20 @@ class RunState:
         return bool(args.early_stopping_patience) and self.stale_epochs >= args.early_stopping_patience
 
 
+LOWER_IS_BETTER = ("val_loss",)  # the --monitor_metric values that improve downwards
+
+
 def is_improvement(value, best, monitor, min_delta=0.0):
     """Whether a monitored value beats the best so far by more than min_delta."""
     if best is None:
         return True
-    return value > best + min_delta if monitor == "val_acc" else value < best - min_delta
+    return value < best - min_delta if monitor in LOWER_IS_BETTER else value > best + min_delta
 
 
 def update_top_k(top_k, k, epoch, value, monitor):
     """Keep the k best (value, epoch) pairs. Returns (new list, whether this epoch entered it,
     the epochs that fell out) so the caller saves and deletes the matching files."""
-    entries = sorted(top_k + [[value, epoch]], key=lambda e: (-e[0] if monitor == "val_acc" else e[0], e[1]))
+    entries = sorted(top_k + [[value, epoch]], key=lambda e: (e[0] if monitor in LOWER_IS_BETTER else -e[0], e[1]))
     kept, dropped = entries[:k], entries[k:]
     return kept, any(e[1] == epoch for e in kept), [e[1] for e in dropped]
 

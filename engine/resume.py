@@ -15,7 +15,7 @@ behaviour on resume). README's "Fault tolerance" section has the same contract a
 - Kept: the AMP dtype a run trained with, when --amp_dtype is not given (auto), as the
   accumulation is.
 - Applied from the next step, with a note: the flags in APPLIED (weight decay, clipping, ...);
-  those in EPOCH_START_ONLY (--seed, --ra_reps) are refused in the middle of an epoch.
+  those in EPOCH_START_ONLY (--seed, --ra_reps, --sampling) are refused in the middle of an epoch.
 - Refused unless the part is explicitly started afresh: the flags in RESETTABLE (another optimizer,
   schedule, peak rate, --backbone_lr_scale, monitored metric).
 - Refused: the flags in NEVER (another model, another global batch), and another class set.
@@ -35,7 +35,8 @@ from inputs.augment import GENERATOR
 # logged, checked and debugged; the starting weights (a resume takes the checkpoint's) and the
 # resume flags themselves.
 FREE = frozenset({
-    "train_dir", "val_dir", "demo", "num_workers", "cache_images", "skip_bad_images", "sync_bn", "channels_last",
+    "train_dir", "val_dir", "train_csv", "val_csv", "image_root", "image_column", "label_column", "demo",
+    "num_workers", "cache_images", "skip_bad_images", "sync_bn", "channels_last",
     "compile", "pretrained", "pretrained_weights", "find_unused_parameters", "dist_timeout_minutes", "distributed",
     "fast_dev_run", "overfit_batches", "limit_train_batches", "limit_val_batches", "trace_samples",
     "num_sanity_val_steps", "config", "checkpoint_dir", "log_dir", "resume", "reset_optimizer", "reset_lr_schedule",
@@ -50,10 +51,11 @@ APPLIED = ("epochs", "freeze_backbone_epochs", "weight_decay", "momentum", "nest
            "cache_quality", "decode_on_device", "min_crop_scale", "hflip_prob", "no_augmentation", "auto_augment",
            "ra_magnitude", "ra_num_ops", "augmix_severity", "color_jitter", "random_erase", "mixup_alpha",
            "cutmix_alpha", "mix_prob", "mix_switch_prob", "mix_off_epoch", "ra_reps", "progressive_min_size",
-           "progressive_start_epoch", "progressive_end_epoch", "seed", "early_stopping_patience",
+           "progressive_start_epoch", "progressive_end_epoch", "sampling", "class_weights", "loss", "focal_gamma",
+           "tta", "seed", "early_stopping_patience",
            "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
 # Applied flags an epoch's sample sequence comes from: refused in the middle of one.
-EPOCH_START_ONLY = ("seed", "ra_reps")
+EPOCH_START_ONLY = ("seed", "ra_reps", "sampling")
 # Refused unless every --reset_* named is given: flag -> the resets its change needs.
 RESETTABLE = {
     "optimizer": ("reset_optimizer",),
@@ -92,7 +94,8 @@ TRAINED_WITHOUT = {
     "ema_steps": 1, "ema_warmup": False, "auto_augment": None, "ra_magnitude": 9, "ra_num_ops": 2,
     "augmix_severity": 3, "color_jitter": 0.0, "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
     "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_off_epoch": 0, "ra_reps": 1, "progressive_min_size": None,
-    "progressive_start_epoch": 1, "progressive_end_epoch": None,
+    "progressive_start_epoch": 1, "progressive_end_epoch": None, "sampling": "uniform", "class_weights": "none",
+    "loss": "ce", "focal_gamma": 2.0, "tta": "none",
     "train_crop_size": "image_size", "val_crop_size": "image_size", "val_resize_size": "resize_size",
 }
 

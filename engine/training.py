@@ -32,7 +32,7 @@ from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_le
 from engine.resume import check_resumable, plan_resume
 from fastload.device_decode import build_device_decoded_loaders
 from fastload.image_cache import build_cached_loaders
-from inputs.folders import check_data_folders
+from inputs.label_files import data_classes
 from inputs.sampling import SampleTrace
 from model import build_model, check_image_size, last_linear_name, pretrained_entry, pretrained_file, unwrap
 
@@ -44,6 +44,7 @@ class Data:
     class_names: list
     train_size: int
     val_size: int
+    train_labels: list = None  # each training image's class index (--class_weights balanced)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Training:
     stop: StopRequest
     checks: JointChecks
     trace: SampleTrace | None       # --trace_samples
+    class_weights: torch.Tensor | None = None  # --class_weights of the training loss, per class, on the device
     backbone_frozen: bool = False   # --freeze_backbone_epochs: set by enter_epoch
 
 
@@ -88,7 +90,7 @@ def settle(args, ctx, checkpoint=None, checkpoint_path=None):
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     plan = None
     if checkpoint is not None:
-        check_resumable(checkpoint, checkpoint_path, check_data_folders(args.train_dir, args.val_dir), args.model)
+        check_resumable(checkpoint, checkpoint_path, data_classes(args), args.model)
         plan = plan_resume(checkpoint, checkpoint_path, args, ctx.world_size)
         args.gradient_accumulation_steps, args.amp_dtype = plan.gradient_accumulation_steps, plan.amp_dtype
     args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
@@ -108,12 +110,14 @@ def build_data(args, ctx):
     else:
         train_loader, val_loader = build_loaders(
             train_set, val_set, args.batch_size, args.num_workers, ctx.rank, ctx.world_size, args.seed,
-            pin_memory=ctx.device.type == "cuda", **sequence_shape(args))
-    return Data(train_loader, val_loader, class_names, len(train_set), len(val_set))
+            pin_memory=ctx.device.type == "cuda", **sequence_shape(args, train_set.targets))
+    return Data(train_loader, val_loader, class_names, len(train_set), len(val_set), list(train_set.targets))
 
 
-def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None, resuming=False):
-    """Model (on the device, DDP- and compile-wrapped as asked), optimizer, schedule, scaler and EMA.
+def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None, resuming=False,
+                   class_weights=None):
+    """Model (on the device, DDP- and compile-wrapped as asked), optimizer, schedule, scaler and EMA;
+    `class_weights`: the training loss's per-class weights (losses.class_weight_values) or None.
 
     `args` is the settled configuration (settle). Everything is built before any checkpoint is
     restored into it (resume.resume_run); a run that resumes does not fetch starting weights (the
@@ -139,9 +143,10 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     model = wrap(model, ctx, args.find_unused_parameters, args.compile)
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
     stage = build_stage(args, ctx, num_classes, memory_format)
+    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=ctx.device)
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, stage, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
-                    JointChecks(ctx.device), trace)
+                    JointChecks(ctx.device), trace, class_weights=weights)
 
 
 def build_stage(args, ctx, num_classes, memory_format):

@@ -138,7 +138,8 @@ def unreadable(path, exc):
 
 def build_device_decoded_loaders(train_set, val_set, args, ctx):
     """Train and val loaders that decode on ctx.device (--decode_on_device)."""
-    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed, **sequence_shape(args))
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed,
+                            **sequence_shape(args, train_set.targets))
     train_loader = DeviceDecodedFiles(train_set, sampler, args.batch_size, True, ctx.device)
     val_shard = validation_shard(len(val_set), ctx.rank, ctx.world_size)
     return train_loader, DeviceDecodedFiles(val_set, val_shard, args.batch_size, False, ctx.device)

@@ -260,7 +260,8 @@ def build_cached_loaders(train_set, val_set, args, ctx):
             print(f"Image cache {path}: {images.nbytes / 2**20:.1f} MiB, "
                   + (f"built in {time.perf_counter() - began:.1f} s" if built else "reused"), flush=True)
         opened.append(images)
-    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed, **sequence_shape(args))
+    sampler = train_sampler(train_set, args.batch_size, ctx.rank, ctx.world_size, args.seed,
+                            **sequence_shape(args, train_set.targets))
     train_loader = CachedBatches(opened[0], train_set.targets, sampler, args.batch_size, True, args.train_crop_size,
                                  ctx.device, drop_last=False, seed=args.seed, crop_scale=(args.min_crop_scale, 1.0),
                                  hflip_prob=args.hflip_prob, augment=train_set.augment)

@@ -12,6 +12,10 @@ Two recipe options shape the sequence, still as a pure function of (seed, epoch)
 - Mixing (mixup/cutmix, inputs/mixing.py) pairs positions (2k, 2k+1), and ranks take whole
   pairs (units of 2) in turn, so a pair is always in one process's micro-batch, on any layout
   with an even per-process batch.
+- Weighted sampling (--sampling class_balanced or sqrt): the epoch's order is not a permutation
+  but draws with replacement, position p taking the sample whose cumulative weight its counter
+  uniform (augment.uniforms keyed by (seed, epoch, p)) falls in: the same draws on any layout,
+  and no position's draw depends on another's.
 - Repeated augmentation (--ra_reps N, torchvision's RASampler) repeats each unit N times in a
   row; taken in turn by the ranks, the copies land on different processes. Copy c of dataset
   image i has the sample key i + c × dataset size, from which its augmentation is drawn
@@ -26,12 +30,28 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from core.errors import ConfigError, DataError
 from engine.distributed import broadcast_object
+from inputs.augment import sample_keys, uniforms
 from inputs.mixing import pair_trace
+
+WEIGHTED_SALT = 0x5A3D_71C2  # the weighted draws' seed differs from the crops' (same counter generator)
+
+
+def sample_weights(labels, sampling):
+    """Per-sample weights of --sampling: None for uniform; class_balanced: 1 / class size (each class
+    drawn equally often); sqrt: 1 / sqrt(class size) (a class drawn in proportion to the square root
+    of its size)."""
+    if sampling == "uniform":
+        return None
+    labels = np.asarray(labels)
+    counts = np.bincount(labels).astype(np.float64)
+    per_class = 1 / counts if sampling == "class_balanced" else 1 / np.sqrt(counts)
+    return per_class[labels]
 
 
 class GlobalOrderSampler(Sampler):
@@ -39,9 +59,12 @@ class GlobalOrderSampler(Sampler):
     (epoch, sample key) so a loader worker knows which epoch it augments for. `unit`: positions
     a rank takes together (2 with mixing); `repeats`: --ra_reps."""
 
-    def __init__(self, dataset_size, batch_size, rank, world_size, seed, max_rows=None, unit=1, repeats=1):
+    def __init__(self, dataset_size, batch_size, rank, world_size, seed, max_rows=None, unit=1, repeats=1,
+                 weights=None):
         self.dataset_size, self.batch_size, self.rank, self.world_size = dataset_size, batch_size, rank, world_size
         self.seed, self.max_rows, self.unit, self.repeats = seed, max_rows, unit, repeats
+        # Weighted sampling: the cumulative share of each sample, for inverse-CDF draws.
+        self.cumulative = None if weights is None else np.cumsum(np.asarray(weights, np.float64) / np.sum(weights))
         self.row = batch_size * world_size  # one micro-batch on every rank
         if self.row > dataset_size:
             raise DataError(f"the training set has {dataset_size} images, {dataset_size // world_size} per "
@@ -75,6 +98,12 @@ class GlobalOrderSampler(Sampler):
                 "or let the epoch finish where it was started")
 
     def permutation(self):
+        """The epoch's order: a permutation (torch's, as DistributedSampler draws it), or weighted
+        draws with replacement."""
+        if self.cumulative is not None:
+            draws = uniforms(sample_keys(self.seed ^ WEIGHTED_SALT, self.epoch, np.arange(self.dataset_size)), 1)[:, 0]
+            chosen = np.searchsorted(self.cumulative, draws * self.cumulative[-1], side="right")
+            return torch.from_numpy(np.minimum(chosen, self.dataset_size - 1))
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         return torch.randperm(self.dataset_size, generator=generator)

@@ -1,10 +1,11 @@
 """sampling.py: one global sample sequence per epoch, shared out to the ranks, whatever their
 number; the sample trace's reader is exercised by test_resume.py."""
+import numpy as np
 import pytest
 import torch
 
 from core.errors import ConfigError, DataError
-from inputs.sampling import GlobalOrderSampler
+from inputs.sampling import GlobalOrderSampler, sample_weights
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -131,3 +132,61 @@ def test_every_sequence_shape_trains_the_same_samples_per_step_on_any_layout(uni
     reference = steps(8, 2)
     assert steps(16, 1) == steps(4, 4) == steps(2, 8) == reference
     assert steps(4, 2, start=64) == reference[4:]
+
+
+# ------------------------------------------------------------------ weighted sampling (--sampling)
+
+def imbalanced_labels(per_class=(100, 10, 10)):
+    return [label for label, count in enumerate(per_class) for _ in range(count)]
+
+
+def test_class_balanced_sampling_draws_every_class_within_five_percent_of_uniform_over_an_epoch():
+    labels = imbalanced_labels((500, 50, 50))  # 10:1
+    for epoch in (1, 2, 3):
+        sampler = GlobalOrderSampler(len(labels), 8, 0, 1, seed=4, weights=sample_weights(labels, "class_balanced"))
+        sampler.set_epoch(epoch)
+        counts = np.bincount([labels[key] for _, key in sampler], minlength=3)
+        assert abs(counts / counts.sum() - 1 / 3).max() < 0.05, counts
+    sampler.set_epoch(1)
+    first = [key for _, key in sampler]
+    sampler.set_epoch(2)
+    assert [key for _, key in sampler] != first  # a new draw each epoch
+
+
+def test_sqrt_sampling_draws_classes_in_proportion_to_the_square_root_of_their_size():
+    labels = imbalanced_labels((900, 100))
+    weights = sample_weights(labels, "sqrt")
+    counts = np.zeros(2)
+    for epoch in range(1, 6):
+        sampler = GlobalOrderSampler(len(labels), 10, 0, 1, seed=1, weights=weights)
+        sampler.set_epoch(epoch)
+        counts += np.bincount([labels[key] for _, key in sampler], minlength=2)
+    assert abs(counts[0] / counts.sum() - 30 / 40) < 0.02  # sqrt(900) : sqrt(100) = 30 : 10
+
+
+@pytest.mark.parametrize("unit, repeats", [(1, 1), (2, 1), (1, 2)])
+def test_weighted_draws_are_the_same_samples_per_step_on_any_layout_and_after_a_resume(unit, repeats):
+    labels = imbalanced_labels((300, 30, 30))
+    weights = sample_weights(labels, "class_balanced")
+
+    def steps(batch, world, start=0):
+        per_rank = []
+        for rank in range(world):
+            sampler = GlobalOrderSampler(len(labels), batch, rank, world, 9, unit=unit, repeats=repeats,
+                                         weights=weights)
+            sampler.set_epoch(3, start=start, end=352)
+            keys = [key for _, key in sampler]
+            per_rank.append([keys[i:i + batch] for i in range(0, len(keys), batch)])
+        rows = [sorted(sum((ranks[q] for ranks in per_rank), [])) for q in range(len(per_rank[0]))]
+        per_step = 16 // (batch * world)
+        return [sorted(sum(rows[s:s + per_step], [])) for s in range(0, len(rows), per_step)]
+
+    reference = steps(16, 1)
+    assert steps(8, 2) == steps(4, 4) == steps(2, 8) == reference
+    assert steps(2, 2, start=64) == reference[4:]  # resumed mid-epoch on another layout
+
+
+def test_uniform_sampling_has_no_weights_and_keeps_the_permutation():
+    assert sample_weights([0, 1, 1], "uniform") is None
+    weights = sample_weights([0, 1, 1], "class_balanced")
+    assert np.allclose(weights, [1.0, 0.5, 0.5])
