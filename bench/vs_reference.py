@@ -59,9 +59,24 @@ Run-time patches of the reference (in reference_runner.py; the reference's files
 
 And its flag --device cpu (its default is cuda).
 
+--recipe v2: torchvision's "new recipe" (the ResNet-50 v2 command) in both programs' own flags,
+scaled to this CPU (`recipe_v2` below): SGD with momentum 0.9, lr 0.1, weight decay 2e-5 and none on
+normalisation layers, one epoch of linear warm-up from 0.01x, then cosine; label smoothing 0.1,
+TrivialAugment-wide, random erasing 0.1, mixup 0.2 and cutmix 1.0, EMA every EMA_STEPS steps
+(the reference's --model-ema-decay rescaled by its own rule into the project's per-update
+--ema_decay), FixRes sizes (training crop TRAIN_CROP_FRACTION of the validation crop, validation
+resize 232/224 of it) and repeated augmentation (--ra-sampler --ra-reps 4 / --ra_reps 4). Default
+data: 1,024 training photos (RASampler trains the size rounded down to 256 per epoch: all of them)
+at a 64 px validation crop, 66 px resize and 50 px training crop, 3 epochs. The reference needs no further
+patch for it on the CPU: its autocast is torch.cuda.amp.autocast(enabled=False) (a no-op) without
+--amp, its EMA (utils.ExponentialMovingAverage, an AveragedModel) is built on --device, and its
+mixup/cutmix (transforms.RandomMixup/RandomCutmix in the collate function) are device-agnostic.
+The reference prints the EMA's accuracy on `Test: EMA` lines and the project records
+ema_val_acc: both are reported. What stays different is listed in NOT_IDENTICAL_V2.
+
     python bench/vs_reference.py --reference /path/to/vision/references/classification/train.py
         [--quick] [--repeats N] [--data DIR] [--count N] [--val_count N] [--image_size PX]
-        [--epochs N] [--workers N] [--no-bf16_row] [--results_dir DIR]
+        [--epochs N] [--workers N] [--no-bf16_row] [--recipe {plain,v2}] [--results_dir DIR]
 """
 import os
 import sys
@@ -81,6 +96,14 @@ BF16_FLAGS = ["--use_amp", "--amp_dtype", "bfloat16"]
 BF16 = "outside the shared recipe: project, --cache_images " + " ".join(BF16_FLAGS)
 FULL = dict(count=960, val_count=160, image_size=64, epochs=3, model="resnet18", photo_size=(500, 375))
 QUICK = dict(count=64, val_count=16, image_size=32, epochs=1, model="resnet18", photo_size=(160, 120))
+# v2: RASampler trains the training set's size rounded down to 256 per epoch, so at least 256 photos;
+# 2 epochs at least, as the reference's cosine after a 1-epoch warm-up lasts epochs - 1.
+FULL_V2 = dict(FULL, count=1024)
+QUICK_V2 = dict(QUICK, count=256, epochs=2)
+TRAIN_CROP_FRACTION = 176 / 224  # the v2 recipe's FixRes training crop, of the validation crop
+VAL_RESIZE_FRACTION = 232 / 224  # and its validation resize
+EMA_STEPS = 4  # the v2 recipe's 32, scaled to a run of 16 steps per epoch
+REFERENCE_EMA_DECAY = 0.999  # the reference's --model-ema-decay (before its own rescaling)
 NOT_IDENTICAL = [
     "Initial weights and sample order: the project is seeded (--seed 0, its own global-order sampler); the "
     "reference has no seed flag and shuffles with DistributedSampler. Both are from-scratch ResNet-18s of the same "
@@ -100,6 +123,37 @@ NOT_IDENTICAL = [
     "Step-level host syncs: the reference reads loss, top-1 and top-5 with .item() every step; the project reads "
     "its metrics every --log_every_steps (10) steps.",
 ]
+
+
+NOT_IDENTICAL_V2 = [
+    "Mixup/cutmix: the reference mixes each whole per-process batch with itself rolled by one, one lambda and one "
+    "choice of mixup or cutmix per batch (RandomChoice of RandomMixup/RandomCutmix in the collate function); the "
+    "project mixes pairs of consecutive global positions, a lambda and a choice per pair (--mix_switch_prob 0.5). "
+    "Each sample's marginal distribution is the same; their correlation within a batch is not.",
+    "Policy and erasing draws: the reference draws with torch's global RNG in each loader worker (and applies "
+    "TrivialAugmentWide to a PIL image, RandomErasing after normalisation); the project draws from its "
+    "counter-based generator and applies torchvision's uint8 tensor operations to the batch of crops in the "
+    "worker, erasing in the batch stage after normalisation. Same policy tables, different numbers drawn.",
+    "Learning-rate schedule: the reference steps its warm-up and cosine once per epoch (SequentialLR over epochs); "
+    "the project steps them every optimizer step over the same epochs.",
+    "EMA: the reference updates at in-epoch step i % steps == 0 and resets the average to the weights during the "
+    "warm-up epoch(s); the project updates every --ema_steps global steps with timm's decay warm-up "
+    "(--ema_warmup: min(decay, (1 + n) / (10 + n))), which also forgets the initial weights quickly but not "
+    "identically. The per-update decay is the reference's own rescaling of --model-ema-decay.",
+    "Optimizer implementation: the project's SGD is fused=True, the reference's is torch's default (foreach); same "
+    "update rule (momentum 0.9, no Nesterov) and hyper-parameters.",
+    "Repeated augmentation: the reference's RASampler repeats each index 4 times in a shuffled order drawn with "
+    "torch's generator and deals them to ranks; the project's --ra_reps 4 repeats each position 4 times in its "
+    "global order (copies on different ranks, each copy with its own sample key). Both train the dataset's size "
+    "rounded down to 256 per epoch.",
+]
+
+
+def not_identical(v2):
+    """The notes of the plain recipe, with the v2 recipe's in place of its optimizer note."""
+    if not v2:
+        return NOT_IDENTICAL
+    return [text for text in NOT_IDENTICAL if not text.startswith("Optimizer")] + NOT_IDENTICAL_V2
 
 
 def usage_line(reason):
@@ -174,6 +228,54 @@ def recipe(size, workers):
     return reference, project
 
 
+def v2_sizes(size):
+    """(training crop, validation crop, validation resize) in px of the v2 recipe at size["image_size"]."""
+    px = size["image_size"]
+    return round(px * TRAIN_CROP_FRACTION), px, round(px * VAL_RESIZE_FRACTION)
+
+
+def ema_decay_per_update(epochs):
+    """The reference's EMA decay per update: it rescales --model-ema-decay by processes x batch x
+    EMA steps / epochs (train.py), which the project takes as --ema_decay as is."""
+    return 1.0 - min(1.0, (1.0 - REFERENCE_EMA_DECAY) * WORLD * BATCH * EMA_STEPS / epochs)
+
+
+def recipe_v2(size, workers):
+    """(reference flags, project flags) of torchvision's v2 recipe, scaled to this CPU."""
+    epochs = size["epochs"]
+    train_crop, val_crop, val_resize = v2_sizes(size)
+    reference = ["--device", "cpu", "--model", size["model"], "--batch-size", str(BATCH), "--epochs", str(epochs),
+                 "--workers", str(workers), "--opt", "sgd", "--lr", "0.1", "--momentum", "0.9", "--wd", "0.00002",
+                 "--norm-weight-decay", "0.0", "--label-smoothing", "0.1", "--mixup-alpha", "0.2",
+                 "--cutmix-alpha", "1.0", "--auto-augment", "ta_wide", "--random-erase", "0.1",
+                 "--lr-scheduler", "cosineannealinglr", "--lr-warmup-epochs", "1", "--lr-warmup-method", "linear",
+                 "--lr-warmup-decay", "0.01", "--model-ema", "--model-ema-steps", str(EMA_STEPS),
+                 "--model-ema-decay", str(REFERENCE_EMA_DECAY), "--ra-sampler", "--ra-reps", "4",
+                 "--interpolation", "bilinear", "--train-crop-size", str(train_crop), "--val-crop-size",
+                 str(val_crop), "--val-resize-size", str(val_resize)]
+    project = ["--model", size["model"], "--batch_size", str(BATCH), "--epochs", str(epochs),
+               "--num_workers", str(workers), "--optimizer", "sgd", "--learning_rate", "0.1", "--momentum", "0.9",
+               "--weight_decay", "0.00002", "--norm_weight_decay", "0.0", "--label_smoothing", "0.1",
+               "--mixup_alpha", "0.2", "--cutmix_alpha", "1.0", "--auto_augment", "ta_wide", "--random_erase", "0.1",
+               "--lr_scheduler", "cosine", "--lr_warmup_epochs", "1", "--lr_warmup_method", "linear",
+               "--lr_warmup_decay", "0.01", "--use_ema", "--ema_warmup", "--ema_steps", str(EMA_STEPS),
+               "--ema_decay", f"{ema_decay_per_update(epochs):.6f}", "--ra_reps", "4",
+               "--train_crop_size", str(train_crop), "--val_crop_size", str(val_crop),
+               "--val_resize_size", str(val_resize), "--num_sanity_val_steps", "0", "--seed", "0"]
+    return reference, project
+
+
+def recipe_flags(recipe_name, size, workers):
+    return (recipe_v2 if recipe_name == "v2" else recipe)(size, workers)
+
+
+def epoch_images(recipe_name, count):
+    """Training images per epoch, all ranks: whole global batches of the dataset, or with the v2 recipe's
+    repeated augmentation of its size rounded down to 256 (RASampler's length; the project's too)."""
+    length = count // 256 * 256 if recipe_name == "v2" else count
+    return length // (BATCH * WORLD) * BATCH * WORLD
+
+
 def reference_run(train_py, root, out, flags):
     import re
     os.makedirs(out, exist_ok=True)
@@ -181,11 +283,12 @@ def reference_run(train_py, root, out, flags):
                                          "--data-path", root, "--output-dir", out, *flags])
     epochs = [(float(s), int(n)) for s, n in re.findall(rf"{EPOCH_LINE} .* seconds ([\d.]+) images (\d+)",
                                                          run["output"])]
-    accs = [float(a) for a in re.findall(r"Acc@1 ([\d.]+)", run["output"])]
+    accs = [float(a) for a in re.findall(r"^(?!.*EMA).*Acc@1 ([\d.]+)", run["output"], flags=re.MULTILINE)]
+    ema_accs = [float(a) for a in re.findall(r"EMA.*Acc@1 ([\d.]+)", run["output"])]
     if not epochs or not accs:
         raise RuntimeError(f"no epoch timing or Acc@1 in the reference's output:\n{run['output'][-3000:]}")
     return dict(wall=run["wall"], sps=[n / s for s, n in epochs], train_seconds=sum(s for s, _ in epochs),
-                images=sum(n for _, n in epochs), accs=accs)
+                images=sum(n for _, n in epochs), accs=accs, ema_accs=ema_accs)
 
 
 def project_run(root, out, flags):
@@ -195,17 +298,17 @@ def project_run(root, out, flags):
                                          *flags])
     history = common.read_history(f"{out}/logs")
     return dict(wall=run["wall"], sps=list(history["samples_per_second"]), accs=list(history["val_acc"]),
-                images=None, train_seconds=None,
+                ema_accs=list(history.get("ema_val_acc", [])), images=None, train_seconds=None,
                 cache_build=sum(float(s) for s in re.findall(r"built in ([\d.]+) s", run["output"])))
 
 
-def run_rounds(train_py, root, scratch, size, workers, rounds, prebuild=True, bf16=False):
+def run_rounds(train_py, root, scratch, size, workers, rounds, prebuild=True, bf16=False, recipe_name="plain"):
     """{name: [result per round]}: first (if `prebuild`) the project's --cache_images run that
     builds the cache, on its own row, then `rounds` rounds of the reference, the project on files
     and the project with the cache (and with it in bfloat16 autocast if `bf16`), alternating
     (without `prebuild` the first round's --cache_images run builds it)."""
     import shutil
-    reference_flags, project_flags = recipe(size, workers)
+    reference_flags, project_flags = recipe_flags(recipe_name, size, workers)
     cache = os.path.join(scratch, "cache")
     runs = {
         REFERENCE: lambda out: reference_run(train_py, root, out, reference_flags),
@@ -248,7 +351,8 @@ def train_sps(result, images_per_epoch):
     return images / train_seconds(result, images_per_epoch)
 
 
-def report_rows(results, images_per_epoch):
+def report_rows(results, images_per_epoch, ema=False):
+    """One row per run; with `ema`, a last column of the EMA's final top-1 per round."""
     import statistics
     base = results[REFERENCE]
     rows = []
@@ -263,7 +367,8 @@ def report_rows(results, images_per_epoch):
                      f"{statistics.median(train):.1f}", f"{statistics.median(w - t for w, t in zip(walls, train)):.1f}",
                      f"{statistics.median(sps):.1f}", f"{statistics.median(sps_ratios):.2f}",
                      "; ".join(f"{r['accs'][-1]:.1f}" for r in runs),
-                     "; ".join(" ".join(f"{a:.1f}" for a in r["accs"]) for r in runs)])
+                     "; ".join(" ".join(f"{a:.1f}" for a in r["accs"]) for r in runs)]
+                    + (["; ".join(f"{r['ema_accs'][-1]:.1f}" for r in runs)] if ema else []))
     return rows
 
 
@@ -328,6 +433,94 @@ def cost_model(train_py, root, size, photos=128, steps=10):
         torch.set_num_threads(threads)
 
 
+def cost_model_v2(train_py, root, size, photos=128, steps=10):
+    """cost_model's parts for the v2 recipe, one thread: the reference's item (its presets with
+    TrivialAugment-wide and random erasing), the project's worker batch (AugmentedImageFolder's
+    __getitems__ with the policy, per image), the project's batch stage (normalise, erase, mix; per
+    image) and the ResNet-18 step with SGD (foreach, the reference's; fused, the project's), at the
+    training crop."""
+    import importlib.util
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    from dataset import AugmentedImageFolder
+    from engine.batches import BatchStage
+    from inputs.mixing import Mixing
+    from inputs.policies import Policy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = importlib.util.spec_from_file_location("vsref_presets", os.path.join(os.path.dirname(train_py),
+                                                                                    "presets.py"))
+        presets = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(presets)
+        px, train_dir = v2_sizes(size)[0], os.path.join(root, "train")
+        reference_set = torchvision.datasets.ImageFolder(train_dir, presets.ClassificationPresetTrain(
+            crop_size=px, auto_augment_policy="ta_wide", random_erase_prob=0.1))
+        project_set = AugmentedImageFolder(train_dir, px, train=True, seed=0, policy=Policy("ta_wide"))
+        stage = BatchStage(torch.device("cpu"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.contiguous_format,
+                           num_classes=10, random_erase=0.1, mixing=Mixing(0.2, 1.0))
+        batches = [list(range(start, start + BATCH)) for start in range(0, min(photos, len(project_set)), BATCH)]
+        labels = torch.randint(0, 10, (BATCH,))
+        seconds = {"reference": 0.0, "project worker": 0.0, "project stage": 0.0}
+        for _ in range(2):  # two passes, the programs alternating batch by batch (the machine's load drifts)
+            for keys in batches:
+                began = time.perf_counter()
+                for i in keys:
+                    reference_set[i]
+                seconds["reference"] += time.perf_counter() - began
+                began = time.perf_counter()
+                items = project_set.__getitems__([(1, i) for i in keys])
+                seconds["project worker"] += time.perf_counter() - began
+                images = torch.stack([item[0] for item in items])
+                began = time.perf_counter()
+                stage.train_batch(images, labels, 1, np.asarray(keys, dtype=np.uint64))
+                seconds["project stage"] += time.perf_counter() - began
+        per_image = 1000 / (2 * len(batches) * BATCH)
+        costs = {"reference item (decode full size, RandomResizedCrop, flip, TrivialAugmentWide on PIL, to float, "
+                 "Normalize, RandomErasing)": seconds["reference"] * per_image,
+                 "project worker batch per image (draft-mode decode, crop, flip, batched TrivialAugment-wide; uint8)":
+                 seconds["project worker"] * per_image,
+                 "project batch stage per image (normalise, random erasing, mixup/cutmix)":
+                 seconds["project stage"] * per_image}
+        images, targets = torch.randn(BATCH, 3, px, px), torch.softmax(torch.randn(BATCH, 10), 1)
+        runs = {}
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = torchvision.models.resnet18(num_classes=10)
+            runs[fused] = (model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-5,
+                                                  fused=fused or None), [])
+        for _ in range(steps + 2):  # the two optimizers alternating step by step; the first 2 dropped
+            for model, optimizer, times in runs.values():
+                began = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(model(images), targets, label_smoothing=0.1)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - began)
+        for fused, (_, _, times) in runs.items():
+            costs[f"ResNet-18 step per image (forward, backward, SGD {'fused' if fused else 'foreach'})"] = \
+                1000 * statistics.median(times[2:]) / BATCH
+        return costs
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cost_rows_v2(costs):
+    """The v2 cost model's rows and its bounds: (reference step + item) over (project step + worker
+    + stage) on files, and over (project step + stage) with the cache (whose policy is in the stage
+    there: the worker's row is then paid in the stage instead)."""
+    reference_item, worker, stage, step_foreach, step_fused = costs.values()
+    rows = [[name, f"{ms:.2f}"] for name, ms in costs.items()]
+    return rows, (step_foreach + reference_item) / (step_fused + worker + stage), \
+        (step_foreach + reference_item) / (step_fused + stage)
+
+
 def cost_rows(costs):
     reference_item, project_item, step_foreach, step_fused = costs.values()
     rows = [[name, f"{ms:.2f}"] for name, ms in costs.items()]
@@ -349,6 +542,9 @@ def main():
     p.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
     p.add_argument("--workers", type=int, default=1, help="data-loading workers per process, both programs "
                                                           "(default 1: 2 processes x 1 worker on 2 cores)")
+    p.add_argument("--recipe", choices=["plain", "v2"], default="plain",
+                   help="plain: crops and flips, AdamW, constant rate (default); v2: torchvision's new recipe "
+                        "scaled to this CPU (report vs_reference_v2.md)")
     p.add_argument("--bf16_row", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the project with --cache_images " + " ".join(BF16_FLAGS) + " (default: on, off "
                         "with --quick)")
@@ -372,7 +568,8 @@ def measure(args, train_py):
     import harness  # noqa: F401  (puts the repository on sys.path)
     from input_pipeline import folder_stats
 
-    size = dict(QUICK if args.quick else FULL)
+    v2 = args.recipe == "v2"
+    size = dict((QUICK_V2 if v2 else QUICK) if args.quick else (FULL_V2 if v2 else FULL))
     for key in ("count", "val_count", "image_size", "epochs"):
         size[key] = getattr(args, key) or size[key]
     rounds = common.repeats(args)
@@ -381,18 +578,20 @@ def measure(args, train_py):
         root = make_photos(args.data or os.path.join(scratch, "data"), size["count"], size["val_count"],
                            photo_size=size["photo_size"])
         files, mean_bytes = folder_stats(os.path.join(root, "train"))
-        costs = None if args.quick else cost_model(train_py, root, size)
+        costs = None if args.quick else (cost_model_v2 if v2 else cost_model)(train_py, root, size)
         bf16 = not args.quick if args.bf16_row is None else args.bf16_row
-        results = run_rounds(train_py, root, scratch, size, args.workers, rounds, prebuild=not args.quick, bf16=bf16)
+        results = run_rounds(train_py, root, scratch, size, args.workers, rounds, prebuild=not args.quick, bf16=bf16,
+                             recipe_name=args.recipe)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    reference_flags, project_flags = recipe(size, args.workers)
-    steps = size["count"] // (BATCH * WORLD)
+    reference_flags, project_flags = recipe_flags(args.recipe, size, args.workers)
+    steps = epoch_images(args.recipe, size["count"]) // (BATCH * WORLD)
     body = (common.table(["run", "wall s (median)", "wall s per round", "speed-up: reference wall / wall (median)",
                           "speed-up range", "training s (median)", "rest of wall s (median)",
                           "training img/s, all ranks (median)", "img/s ratio to reference (median)",
-                          "final top-1 % per round", "top-1 % per epoch, per round"],
-                         report_rows(results, steps * BATCH * WORLD))
+                          "final top-1 % per round", "top-1 % per epoch, per round"]
+                         + (["final EMA top-1 % per round"] if v2 else []),
+                         report_rows(results, steps * BATCH * WORLD, ema=v2))
             + "\n\nFlags (each program's own; data and output paths added per run):\n\n"
             + f"- reference: `torchrun --standalone --nproc_per_node={WORLD} {train_py} {' '.join(reference_flags)}` "
               "(through this script's runner, which applies the patches below)\n"
@@ -400,7 +599,16 @@ def measure(args, train_py):
               "(and `--cache_images DIR`)\n"
             + "\nRun-time patches of the reference (its files are not edited; see this script's docstring):\n\n"
             + "\n".join(f"{i}. {text}" for i, text in enumerate(PATCHES, 1)))
-    if costs:
+    if costs and v2:
+        rows, files_bound, cache_bound = cost_rows_v2(costs)
+        body += ("\n\nWhat each training image costs with the v2 recipe, one thread, in this process (the "
+                 "reference's item from its own presets.py):\n\n" + common.table(["part", "ms per image"], rows)
+                 + f"\n\nIf training were only these parts, CPU-bound on both cores, the project's speed-up over the "
+                   f"reference would be at most (reference step + reference item) / (project step + worker batch + "
+                   f"batch stage) = **{files_bound:.2f}** on files and (reference step + reference item) / (project "
+                   f"step + batch stage) = **{cache_bound:.2f}** with the cache, leaving out the policy's cost there "
+                   f"(the cache path runs the batched policy in the batch stage: add the worker row's policy share).")
+    elif costs:
         rows, files_bound, cache_bound = cost_rows(costs)
         body += ("\n\nWhat each training image costs, one thread, in this process (the reference's item from its own "
                  "presets.py):\n\n" + common.table(["part", "ms per image"], rows)
@@ -408,8 +616,8 @@ def measure(args, train_py):
                    f"reference would be at most (reference step + reference item) / (project step + project item) "
                    f"= **{files_bound:.2f}** on files and (reference step + reference item) / project step = "
                    f"**{cache_bound:.2f}** with the cache (whose per-image work is a uint8 copy and a crop).")
-    common.write_report(args.results_dir, "vs_reference", "Versus torchvision's reference classification script",
-                        body, [
+    title = "Versus torchvision's reference classification script" + (": the v2 recipe" if v2 else "")
+    common.write_report(args.results_dir, "vs_reference_v2" if v2 else "vs_reference", title, body, [
         f"Data: {files} training photos (input_pipeline.make_dataset, {'x'.join(map(str, size['photo_size']))} JPEG, "
         f"mean {mean_bytes / 1024:.0f} "
         f"KiB) and {size['val_count']} validation, 10 classes, each photo blended {TINT:.0%} with its class's colour "
@@ -428,10 +636,17 @@ def measure(args, train_py):
            f"into uint8 caches, as the project prints it): {results[BUILD][0]['cache_build']:.1f} s of its wall "
            "time; its speed-up is against round 1's reference, a single pair on a machine whose load drifts."]
           if BUILD in results else []),
-        *[f"Not identical: {text}" for text in NOT_IDENTICAL],
+        *([f"Recipe: torchvision's v2 recipe scaled to this CPU ({size['epochs']} epochs, training crop "
+           f"{v2_sizes(size)[0]} px, validation crop {v2_sizes(size)[1]} px after a {v2_sizes(size)[2]} px resize; "
+           f"EMA every {EMA_STEPS} steps, the reference's --model-ema-decay {REFERENCE_EMA_DECAY} being "
+           f"{ema_decay_per_update(size['epochs']):.6f} per update by its own rescaling, the project's "
+           "--ema_decay). Training-accuracy logging under mixing differs (soft targets); validation accuracy is "
+           "plain top-1 in both."] if v2 else []),
+        *[f"Not identical: {text}" for text in not_identical(v2)],
         *([f"The row marked outside the shared recipe: {' '.join(BF16_FLAGS)} runs the project's forward pass "
-           "and loss under CPU bfloat16 autocast (weights, gradients and AdamW stay float32). The reference has no "
-           "CPU equivalent: its --amp is torch.cuda.amp (CUDA only), so it would need editing."] if bf16 else [])])
+           "and loss under CPU bfloat16 autocast (weights, gradients and the optimizer stay float32). The "
+           "reference has no CPU equivalent: its --amp is torch.cuda.amp (CUDA only), so it would need editing."]
+          if bf16 else [])])
     return 0
 
 

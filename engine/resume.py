@@ -35,7 +35,8 @@ from inputs.augment import GENERATOR
 # logged, checked and debugged; the starting weights (a resume takes the checkpoint's) and the
 # resume flags themselves.
 FREE = frozenset({
-    "train_dir", "val_dir", "train_csv", "val_csv", "image_root", "image_column", "label_column", "demo",
+    "train_dir", "val_dir", "train_csv", "val_csv", "image_root", "image_column", "label_column", "label_delimiter",
+    "demo",
     "num_workers", "cache_images", "skip_bad_images", "sync_bn", "channels_last",
     "compile", "pretrained", "pretrained_weights", "find_unused_parameters", "dist_timeout_minutes", "distributed",
     "fast_dev_run", "overfit_batches", "limit_train_batches", "limit_val_batches", "trace_samples",
@@ -52,7 +53,7 @@ APPLIED = ("epochs", "freeze_backbone_epochs", "weight_decay", "momentum", "nest
            "ra_magnitude", "ra_num_ops", "augmix_severity", "color_jitter", "random_erase", "mixup_alpha",
            "cutmix_alpha", "mix_prob", "mix_switch_prob", "mix_off_epoch", "ra_reps", "progressive_min_size",
            "progressive_start_epoch", "progressive_end_epoch", "sampling", "class_weights", "loss", "focal_gamma",
-           "tta", "seed", "early_stopping_patience",
+           "pos_weight", "tta", "seed", "early_stopping_patience",
            "early_stopping_min_delta", "save_top_k", "max_nonfinite_steps")
 # Applied flags an epoch's sample sequence comes from: refused in the middle of one.
 EPOCH_START_ONLY = ("seed", "ra_reps", "sampling")
@@ -84,6 +85,7 @@ RESETS = {  # reset flag -> the part it starts afresh, and what that does
 # Never changeable: flag -> what must stay, and what refuses another value.
 NEVER = {
     "model": "the architecture the weights fit (check_resumable)",
+    "multi_label": "the kind of output the head was trained for: sigmoids per class, or one softmax (check_resumable)",
     "batch_size": "the global batch, batch x processes x accumulation (keep_global_batch)",
     "gradient_accumulation_steps": "the global batch (keep_global_batch); adapts when not given",
 }
@@ -95,7 +97,7 @@ TRAINED_WITHOUT = {
     "augmix_severity": 3, "color_jitter": 0.0, "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
     "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_off_epoch": 0, "ra_reps": 1, "progressive_min_size": None,
     "progressive_start_epoch": 1, "progressive_end_epoch": None, "sampling": "uniform", "class_weights": "none",
-    "loss": "ce", "focal_gamma": 2.0, "tta": "none",
+    "loss": "ce", "focal_gamma": 2.0, "tta": "none", "pos_weight": "none", "multi_label": False,
     "train_crop_size": "image_size", "val_crop_size": "image_size", "val_resize_size": "resize_size",
 }
 
@@ -120,8 +122,9 @@ class ResumePlan:
     amp_dtype: str                    # --amp_dtype: the checkpoint's own when not given (auto)
 
 
-def check_resumable(checkpoint, path, class_names, model_name):
-    """Refuse a checkpoint of another class set or another model, before touching any state."""
+def check_resumable(checkpoint, path, class_names, model_name, multi_label=False):
+    """Refuse a checkpoint of another class set, another model or another kind of labels (one per
+    image, or several), before touching any state."""
     if checkpoint["class_names"] != class_names:
         raise CheckpointError(
             f"{path} was trained on {len(checkpoint['class_names'])} classes "
@@ -131,6 +134,12 @@ def check_resumable(checkpoint, path, class_names, model_name):
     if saved_model != model_name:
         raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
                               f"'{model_name}'; pass --model {saved_model} to resume it")
+    trained_multi_label = checkpoint["config"].get("multi_label", False)
+    if trained_multi_label != multi_label:
+        kinds = {True: "several labels per image (--multi_label)", False: "one label per image"}
+        raise CheckpointError(f"{path} was trained with {kinds[trained_multi_label]}, this run asks for "
+                              f"{kinds[multi_label]}; {'add' if trained_multi_label else 'drop'} --multi_label to "
+                              f"resume it, or start a new run from its weights with --pretrained_weights {path}")
 
 
 def plan_resume(checkpoint, path, args, world_size):
@@ -165,12 +174,15 @@ def plan_resume(checkpoint, path, args, world_size):
 
 def refusal(path, flag, trained, asked, resets):
     """The one line refusing a RESETTABLE change without its resets. A change that needs several
-    resets regroups the optimizer's parameters (--backbone_lr_scale)."""
+    resets regroups the optimizer's parameters (--backbone_lr_scale). A flag the checkpoint's run
+    left unset (None) is continued by leaving it out."""
+    had = f"--{flag} {trained}" if trained is not None else f"no --{flag}"
+    keep = f"pass --{flag} {trained}" if trained is not None else f"leave --{flag} out"
     if len(resets) == 1:
-        return (f"{path} was trained with --{flag} {trained}, this run asks for --{flag} {asked}: pass --{flag} "
-                f"{trained} to continue it, or add --{resets[0]} to {RESETS[resets[0]][1]}")
-    return (f"{path} was trained with --{flag} {trained}, this run asks for {asked}, which regroups the optimizer's "
-            f"parameters: pass --{flag} {trained} to continue it, or add {' '.join('--' + name for name in resets)} "
+        return (f"{path} was trained with {had}, this run asks for --{flag} {asked}: {keep} to continue it, "
+                f"or add --{resets[0]} to {RESETS[resets[0]][1]}")
+    return (f"{path} was trained with {had}, this run asks for {asked}, which regroups the optimizer's "
+            f"parameters: {keep} to continue it, or add {' '.join('--' + name for name in resets)} "
             "to start both afresh")
 
 

@@ -110,8 +110,9 @@ def mix_batch(images, labels, num_classes, drawn):
     """Mix each pair of rows (2p, 2p+1) of images (B, C, H, W) float with each other as drawn (draw_pairs'
     PairDraws for the B/2 pairs): mixup blends, lam·own + (1 - lam)·partner; cutmix pastes the partner's
     pixels inside the pair's box. Returns (mixed images, targets (B, num_classes) float32 = lam·onehot(own)
-    + (1 - lam)·onehot(partner)), on the images' device. The weights lam and 1 - lam are rounded from
-    float64, as torchvision's MixUp does with its Python float lam."""
+    + (1 - lam)·onehot(partner)), on the images' device; multi-label `labels` (B, num_classes) mix as
+    given. The weights lam and 1 - lam are rounded from float64, as torchvision's MixUp does with its
+    Python float lam."""
     batch, _, height, width = images.shape
     if batch != 2 * len(drawn.lam):
         raise ValueError(f"a batch of {batch} images cannot hold the {len(drawn.lam)} drawn pairs (two rows each)")
@@ -119,23 +120,31 @@ def mix_batch(images, labels, num_classes, drawn):
     partner = torch.arange(batch, device=device) ^ 1  # rows 2p and 2p+1 swapped
 
     def per_row(values, dtype):
-        return torch.from_numpy(np.repeat(values, 2)).to(device=device, dtype=dtype)
+        return torch.from_numpy(np.asarray(values)).to(device=device, dtype=dtype)
 
-    own_weight, partner_weight = per_row(drawn.lam, images.dtype), per_row(1.0 - drawn.lam, images.dtype)
-    mixup_rows = per_row(drawn.mixed & ~drawn.cutmix, torch.bool).view(-1, 1, 1, 1)
-    blended = own_weight.view(-1, 1, 1, 1) * images + partner_weight.view(-1, 1, 1, 1) * images[partner]
-    mixed = torch.where(mixup_rows, blended, images)
+    # Three passes over the batch: the pairs' rows swapped (one copy), then lam·own + (1 - lam)·partner
+    # in place on it, with weights 1 and 0 on the rows that are not blended; cutmix rows are redone below.
+    swapped = images.view(batch // 2, 2, *images.shape[1:]).flip(1).reshape(images.shape)
+    mixup = np.repeat(drawn.mixed & ~drawn.cutmix, 2)
+    own = per_row(np.where(mixup, np.repeat(drawn.lam, 2), 1.0), images.dtype).view(-1, 1, 1, 1)
+    other = per_row(np.where(mixup, np.repeat(1.0 - drawn.lam, 2), 0.0), images.dtype).view(-1, 1, 1, 1)
+    mixed = swapped.mul(other).add_(images * own) if mixup.any() else images.clone()
+    cutmix = np.repeat(drawn.cutmix, 2)
+    if cutmix.any():
+        rows = torch.as_tensor(np.flatnonzero(cutmix), device=device)
+        x0, y0, x1, y1 = (torch.as_tensor(np.repeat(side, 2)[cutmix], device=device).view(-1, 1)
+                          for side in drawn.boxes.T)
+        in_box = (((torch.arange(height, device=device) >= y0) & (torch.arange(height, device=device) < y1))
+                  .view(-1, 1, height, 1)
+                  & ((torch.arange(width, device=device) >= x0) & (torch.arange(width, device=device) < x1))
+                  .view(-1, 1, 1, width))
+        mixed[rows] = torch.where(in_box, swapped[rows], images[rows])
 
-    x0, y0, x1, y1 = (per_row(side, torch.int64).view(-1, 1) for side in drawn.boxes.T)
-    columns = torch.arange(width, device=device)
-    rows = torch.arange(height, device=device)
-    in_box = (((rows >= y0) & (rows < y1)).view(batch, 1, height, 1)
-              & ((columns >= x0) & (columns < x1)).view(batch, 1, 1, width))
-    mixed = torch.where(in_box, images[partner], mixed)
-
-    onehot = F.one_hot(labels.to(device), num_classes).float()
-    targets = (per_row(drawn.lam, torch.float32).view(-1, 1) * onehot
-               + per_row(1.0 - drawn.lam, torch.float32).view(-1, 1) * onehot[partner])
+    labels = labels.to(device)
+    # Multi-label targets (B, classes) of 0/1 mix as they are; class indices as one-hot rows.
+    onehot = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
+    targets = (per_row(np.repeat(drawn.lam, 2), torch.float32).view(-1, 1) * onehot
+               + per_row(np.repeat(1.0 - drawn.lam, 2), torch.float32).view(-1, 1) * onehot[partner])
     return mixed, targets
 
 

@@ -196,3 +196,24 @@ def test_bench_finetune(tmp_path):
     assert [row[0] for row in rows] == ["full training", "frozen backbone", "AMP bfloat16", "frozen + AMP bfloat16"]
     assert all(number(row[1]) > 0 and number(row[4]) > 100 for row in rows)  # images/s, peak RSS in MiB
     assert number(rows[0][2]) == 1.0 and number(rows[0][5]) == 1.0
+
+
+def test_bench_recipe_costs(tmp_path):
+    run_bench("recipe_costs.py", "--results_dir", str(tmp_path))
+    text = report(tmp_path, "recipe_costs")
+    parts = table(text, "part")
+    policies = ["TrivialAugment-wide (ta_wide)", "RandAugment (ra, 2 ops, magnitude 9)", "AugMix (augmix, severity 3)",
+                "AutoAugment imagenet (imagenet)", "colour jitter 0.4"]
+    float_steps = ["random erasing p=0.1 (erase_batch, float batch)",
+                   "mixup 0.2 / cutmix 1.0 (draw_pairs + mix_batch, float batch)"]
+    assert [row[0] for row in parts] == [
+        "crop alone (draw_crops + crop_and_flip from stored images)", *policies, *float_steps,
+        "progressive resize 32 -> 23 px (uint8, antialiased)", "normalisation (dataset.normalize)",
+        "whole v2 stage: ta_wide, normalise, erase, mix (BatchStage.train_batch)"]
+    for row in parts:  # the worker side times the crop and the policies only
+        assert (row[1] != "-") == (row[0] in policies or row[0].startswith("crop"))
+        assert number(row[3]) > 0 and number(row[5]) > 0
+    versus = table(text.split("against torchvision's v2 transforms")[1], "part")
+    assert [row[0] for row in versus] == policies + float_steps
+    assert all(number(row[1]) > 0 and number(row[2]) > 0 and number(row[3]) > 0 for row in versus)
+    assert "Batch of 8 images, 32 px crops" in text

@@ -262,3 +262,12 @@ def test_label_smoothed_cross_entropy_of_mixed_targets_is_the_smoothed_mixup_tar
     timm_targets = lam * smooth(onehot) + (1 - lam) * smooth(onehot[torch.arange(16) ^ 1])
     torch.testing.assert_close(loss, F.cross_entropy(logits, timm_targets), rtol=1e-6, atol=0)
     assert not torch.isclose(loss, F.cross_entropy(logits, targets), rtol=1e-4)  # the smoothing does count
+
+
+def test_multi_label_targets_mix_as_they_are():
+    images = torch.zeros(4, 3, 6, 6)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    drawn = draw_pairs(Mixing(mixup_alpha=1.0), seed=3, epoch=1, pair_keys=np.array([4, 9]), height=6, width=6)
+    _, targets = mix_batch(images, labels, 3, drawn)
+    lam = torch.tensor(np.repeat(drawn.lam, 2), dtype=torch.float32).view(-1, 1)
+    torch.testing.assert_close(targets, lam * labels + (1 - lam) * labels[[1, 0, 3, 2]])

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -301,3 +302,143 @@ def test_an_elastic_job_that_loses_a_node_goes_on_smaller_with_the_same_samples_
     assert survivor.returncode == 0, output[-3000:]
     assert "gradient accumulation 2 keeps the global batch at 4 on 1 process(es)" in output
     assert read_trace(f"{out}/logs") == read_trace(f"{two_process_reference}/logs")
+
+
+
+# ------------------------------------------------------------------ the modern recipe's flags
+
+def resume_notes(printed):
+    """The notes of the "Resumed from" line: what it says changed, in its order."""
+    line = next(line for line in printed.splitlines() if line.startswith("Resumed from"))
+    return line.split("; ")[1:]
+
+
+REPLANNED = "schedule re-planned for 2 epochs (was 1)"  # every resume of finished_run with --epochs 2 says so
+
+
+@pytest.mark.parametrize("flag, value, groups", [  # groups: (kind, weight decay, peak rate) from the head back
+    ("norm_weight_decay", 0.0, [("default", 0.01, 1e-3), ("bias", 0.01, 1e-3)]),  # tiny_cnn has no norm layer
+    ("bias_weight_decay", 0.0, [("default", 0.01, 1e-3), ("bias", 0.0, 1e-3)]),
+    ("layer_decay", 0.5, [(kind, 0.01, rate) for rate in (1e-3, 5e-4, 2.5e-4) for kind in ("default", "bias")]),
+])
+def test_a_flag_that_regroups_the_optimizer_is_refused_in_one_line_unless_both_resets_are_given(
+        tiny_data_module, finished_run, tmp_path, capsys, flag, value, groups):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    latest = f"{out}/checkpoints/checkpoint_latest.pth"
+    before = open(latest, "rb").read()
+    for one_reset in ({}, dict(reset_optimizer=True), dict(reset_lr_schedule=True)):
+        code, _, err = resume_in_process(tiny_data_module, out, capsys, epochs=2, **{flag: value}, **one_reset)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, one_reset
+        assert err.startswith(f"error: {latest} was trained with --{flag} ")
+        assert f"asks for {value}, which regroups the optimizer's parameters" in err
+        assert err.rstrip().endswith("or add --reset_optimizer --reset_lr_schedule to start both afresh")
+    assert open(latest, "rb").read() == before
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, **{flag: value},
+                                         reset_optimizer=True, reset_lr_schedule=True)
+    assert code == 0 and "Epoch 2/2 |" in printed
+    assert resume_notes(printed)[-2:] == ["--reset_lr_schedule: start a new schedule over the remaining epochs",
+                                          "--reset_optimizer: start the optimizer's state (moments) afresh"]
+    saved = torch.load(latest)["optimizer_state_dict"]["param_groups"]
+    assert [(group["kind"], group["weight_decay"]) for group in saved] == [group[:2] for group in groups]
+    assert [group["initial_lr"] for group in saved] == pytest.approx([group[2] for group in groups], rel=1e-12)
+
+
+@pytest.mark.parametrize("flag, value, trained", [("lr_min", 1e-4, 0.0), ("lr_warmup_epochs", 1, 0)])
+def test_a_new_floor_or_warm_up_of_the_learning_rate_needs_a_new_schedule(tiny_data_module, finished_run, tmp_path,
+                                                                          capsys, flag, value, trained):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    latest = f"{out}/checkpoints/checkpoint_latest.pth"
+    code, _, err = resume_in_process(tiny_data_module, out, capsys, epochs=3, **{flag: value})
+    assert code == 2 and err == (f"error: {latest} was trained with --{flag} {trained}, this run asks for --{flag} "
+                                 f"{value}: pass --{flag} {trained} to continue it, or add --reset_lr_schedule to "
+                                 "start a new schedule over the remaining epochs\n")
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=3, **{flag: value},
+                                         reset_lr_schedule=True)
+    assert code == 0 and "Epoch 3/3 |" in printed
+    assert resume_notes(printed)[-1] == "--reset_lr_schedule: start a new schedule over the remaining epochs"
+    schedule = torch.load(latest)["scheduler_state_dict"]
+    if flag == "lr_min":  # the new cosine over the 12 steps left ends at the floor
+        assert schedule["eta_min"] == 1e-4 and schedule["_last_lr"][0] == pytest.approx(1e-4, rel=1e-9)
+    else:  # it warms up for one epoch (6 steps) of the 12 left, then anneals
+        assert schedule["_milestones"] == [6] and schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_augmentation_and_mixing_turned_on_apply_from_the_next_step_with_a_note_naming_old_and_new_values(
+        tiny_data_module, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, auto_augment="ta_wide",
+                                         random_erase=0.25, mixup_alpha=0.2, trace_samples=True)
+    assert code == 0
+    assert resume_notes(printed) == [REPLANNED, "applied from here: --auto_augment None -> ta_wide, --random_erase "
+                                                "0.0 -> 0.25, --mixup_alpha 0.0 -> 0.2"]
+    resumed = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert resumed["draws"] == dict(crop="counter-v1", policy="policy-v1", erase="policy-v1", mix="mix-v1")
+    pairs = read_trace(f"{out}/logs", "pairs")  # epoch 2 only: the finished run traced nothing
+    assert sorted(pairs) == [(2, step) for step in range(1, 7)]
+    assert all(len(step) == 2 and {mode for *_, mode in step} == {"mixup"} for step in pairs.values())
+
+
+def test_a_new_ra_reps_is_refused_in_the_middle_of_an_epoch_and_applied_from_an_epochs_start(
+        tiny_data_module, finished_run, tmp_path, capsys):
+    checkpoint, args = saved_run(tmp_path, samples_done=8, ra_reps=2)
+    with pytest.raises(ConfigError, match=r"^ck.pth stopped in the middle of epoch 2, whose sample order comes from "
+                                          r"--ra_reps 1: pass --ra_reps 1 \(a new ra_reps applies from an epoch's "
+                                          r"start\)$"):
+        resume.plan_resume(checkpoint, "ck.pth", args, world_size=1)
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, ra_reps=2, trace_samples=True)
+    assert code == 0 and resume_notes(printed) == [REPLANNED, "applied from here: --ra_reps 1 -> 2"]
+    keys = [key for (epoch, _), keys in read_trace(f"{out}/logs").items() if epoch == 2 for key in keys]
+    # 24 samples: 12 images twice each, as copies with their own keys (image + copy x 24), augmented apart.
+    assert len(keys) == len(set(keys)) == 24
+    assert sorted(Counter(key % 24 for key in keys).values()) == [2] * 12
+
+
+def older_checkpoint(finished_run, target, draws=None):
+    """A copy of finished_run whose checkpoint is as older versions wrote it: no recipe flags in its
+    config (TRAINED_WITHOUT's), no `draws` (or the given ones)."""
+    out = copy_run(finished_run, target)
+    path = f"{out}/checkpoints/checkpoint_latest.pth"
+    checkpoint = torch.load(path)
+    for flag in resume.TRAINED_WITHOUT:
+        del checkpoint["config"][flag]
+    del checkpoint["draws"]
+    if draws is not None:
+        checkpoint["draws"] = draws
+    torch.save(checkpoint, path)
+    return out
+
+
+def test_a_checkpoint_from_before_the_recipes_flags_resumes_with_their_defaults_and_notes_only_a_change(
+        tiny_data_module, finished_run, tmp_path, capsys):
+    out = older_checkpoint(finished_run, str(tmp_path / "defaults"))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2)
+    assert code == 0 and resume_notes(printed) == [REPLANNED]  # the defaults are what it trained with
+    resumed = torch.load(f"{out}/checkpoints/checkpoint_latest.pth")
+    assert set(resume.TRAINED_WITHOUT) <= set(resumed["config"]) and resumed["draws"] == dict(crop="counter-v1")
+    out = older_checkpoint(finished_run, str(tmp_path / "mixing"))
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2, mixup_alpha=0.2)
+    assert code == 0 and resume_notes(printed) == [REPLANNED, "applied from here: --mixup_alpha 0.0 -> 0.2"]
+
+
+def test_draws_recorded_by_another_generator_give_one_note_for_each_draw_this_run_makes(
+        tiny_data_module, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, str(tmp_path / "run"))
+    path = f"{out}/checkpoints/checkpoint_latest.pth"
+    checkpoint = torch.load(path)
+    checkpoint["draws"] = dict(crop="counter-v0", mix="mix-v0")  # this run does not mix: no note for that
+    torch.save(checkpoint, path)
+    code, printed, _ = resume_in_process(tiny_data_module, out, capsys, epochs=2)
+    assert code == 0 and resume_notes(printed) == [
+        REPLANNED, "crop draws are made by counter-v1 from here (this checkpoint's run used counter-v0): same "
+                   "distribution, other draws"]
+    assert torch.load(path)["draws"] == dict(crop="counter-v1")
+
+
+@pytest.mark.parametrize("flag, value", [("norm_weight_decay", 0.0), ("layer_decay", 0.5), ("lr_warmup_decay", 0.1)])
+def test_a_refusal_names_a_way_to_continue_that_a_command_line_can_give(tmp_path, flag, value):
+    checkpoint, args = saved_run(tmp_path, **{flag: value})  # the checkpoint's run left the flag unset
+    with pytest.raises(ConfigError) as refused:
+        resume.plan_resume(checkpoint, "ck.pth", args, world_size=1)
+    assert f"--{flag} None" not in str(refused.value)
+    assert f"was trained with no --{flag}" in str(refused.value) and f"leave --{flag} out" in str(refused.value)

@@ -71,3 +71,20 @@ def test_quick_run_against_the_reference(tmp_path):
         assert 0 <= float(row[9]) <= 100  # final top-1 accuracy, %
     assert rows[0][3] == "1.00" and float(rows[1][3]) > 0 and float(rows[2][3]) > 0  # speed-ups
     assert "nccl -> gloo" in text and "--device cpu" in text  # the patches and the reference's flags are listed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE or not os.path.isfile(REFERENCE),
+                    reason="set VS_REFERENCE_TRAIN_PY to torchvision's references/classification/train.py")
+def test_quick_v2_recipe_run_against_the_reference(tmp_path):
+    run_bench("--reference", REFERENCE, "--recipe", "v2", "--results_dir", str(tmp_path), timeout=280)
+    text = (tmp_path / "vs_reference_v2.md").read_text()
+    rows = table(text, "run")
+    assert [row[0] for row in rows] == ROWS
+    for row in rows:
+        assert float(row[7]) > 0  # training img/s
+        assert 0 <= float(row[9]) <= 100 and 0 <= float(row[11]) <= 100  # final top-1 of the model and of its EMA
+    # Both programs ran the v2 recipe in their own flags.
+    for flag in ("--auto-augment ta_wide", "--ra-sampler --ra-reps 4", "--model-ema", "--random-erase 0.1",
+                 "--auto_augment ta_wide", "--ra_reps 4", "--use_ema", "--random_erase 0.1", "--cutmix_alpha 1.0"):
+        assert flag in text
