@@ -105,6 +105,13 @@ def add_data_flags(data):
                       help="the folder the CSV files' image paths are relative to (default: each file's own folder)")
     data.add_argument("--image_column", default="image", help="the CSV column holding image paths")
     data.add_argument("--label_column", default="label", help="the CSV column holding labels")
+    data.add_argument("--multi_label", action="store_true",
+                      help="each image may carry several labels: the CSV label column lists them, separated by "
+                           "--label_delimiter (as Kaggle's multi-label competitions write them); sigmoid outputs, "
+                           "binary cross-entropy, mAP and F1")
+    data.add_argument("--label_delimiter", default=" ", help="--multi_label: what separates an image's labels")
+    data.add_argument("--pos_weight", choices=["none", "balanced"], default="none",
+                      help="--multi_label: weigh each class's positives by its negatives / positives in training")
     data.add_argument("--sampling", choices=["uniform", "class_balanced", "sqrt"], default="uniform",
                       help="training draws: each image once per epoch (uniform), or with replacement weighted so "
                            "every class is drawn equally often (class_balanced) or in proportion to the square root "
@@ -304,7 +311,8 @@ def add_debugging_flags(debug):
 def add_output_flags(output):
     output.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of flag values (keys are flag names); command-line flags win")
-    output.add_argument("--monitor_metric", choices=["val_acc", "val_loss", "val_macro_f1", "val_balanced_acc"],
+    output.add_argument("--monitor_metric", choices=["val_acc", "val_loss", "val_macro_f1", "val_balanced_acc",
+                                                      "val_map", "val_micro_f1"],
                         default="val_acc",
                         help="metric for checkpoint_best.pth, --save_top_k and early stopping (named so that "
                              "torchrun's own --monitor-interval does not swallow it)")
@@ -585,6 +593,7 @@ def validate_recipe(args):
         raise ConfigError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
         raise ConfigError("--nesterov is SGD's Nesterov momentum: it needs --optimizer sgd and --momentum above 0")
+    validate_multi_label(args)
     if args.focal_gamma < 0:
         raise ConfigError(f"--focal_gamma must be 0 or more, got {args.focal_gamma}")
     if args.class_weights not in ("none", "balanced") and not os.path.isfile(args.class_weights):
@@ -592,6 +601,27 @@ def validate_recipe(args):
                           "mapping class names to weights")
     if args.progressive_end_epoch is not None and args.progressive_min_size is None:
         raise ConfigError("--progressive_end_epoch needs --progressive_min_size (the size the ramp starts from)")
+
+
+def validate_multi_label(args):
+    """--multi_label's needs (label files) and what it cannot be combined with."""
+    if not args.multi_label:
+        if args.monitor_metric in ("val_map", "val_micro_f1") or args.pos_weight != "none":
+            flag = "--pos_weight" if args.pos_weight != "none" else f"--monitor_metric {args.monitor_metric}"
+            raise ConfigError(f"{flag} is for --multi_label runs; add --multi_label (with --train_csv/--val_csv) or "
+                              "drop it")
+        return
+    if not (args.train_csv and args.val_csv):
+        raise ConfigError("--multi_label reads each image's labels from CSV files: give --train_csv and --val_csv "
+                          "(class folders hold one label per image)")
+    for flag, value, default in (("sampling", args.sampling, "uniform"), ("class_weights", args.class_weights, "none"),
+                                 ("loss", args.loss, "ce")):
+        if value != default:
+            raise ConfigError(f"--{flag} {value} is for single-label runs; with --multi_label use --pos_weight "
+                              "balanced for rare labels")
+    if args.monitor_metric == "val_balanced_acc":
+        raise ConfigError("--monitor_metric val_balanced_acc is single-label; with --multi_label monitor val_map, "
+                          "val_macro_f1, val_micro_f1, val_acc (exact match) or val_loss")
 
 
 def check_recipe_sizes(args):
