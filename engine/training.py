@@ -90,7 +90,7 @@ def settle(args, ctx, checkpoint=None, checkpoint_path=None):
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     plan = None
     if checkpoint is not None:
-        check_resumable(checkpoint, checkpoint_path, data_classes(args), args.model)
+        check_resumable(checkpoint, checkpoint_path, data_classes(args), args.model, args.multi_label)
         plan = plan_resume(checkpoint, checkpoint_path, args, ctx.world_size)
         args.gradient_accumulation_steps, args.amp_dtype = plan.gradient_accumulation_steps, plan.amp_dtype
     args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
