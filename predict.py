@@ -3,7 +3,9 @@
     python predict.py --checkpoint checkpoints/checkpoint_best.pth photo.jpg photos/ --output preds.csv
 
 Images take training's validation path (load_eval, normalize), so a validation image gets the
-logits `evaluate` computed for it. An unreadable image is reported and listed with its error.
+probabilities `evaluate` computed for it. `--tta flip` or `--tta multi_crop` average the softmax
+over views of each image as evaluate.py does (metrics.tta_views, metrics.tta_log_probabilities).
+An unreadable image is reported and listed with its error.
 """
 import csv
 import json
@@ -13,12 +15,12 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import functional as TF
 
 from core.cli import Parser, run_command
 from core.errors import UsageError, first_line
-from dataset import load_eval, normalize
+from dataset import normalize
 from engine.checkpoint import checkpoint_preprocessing, load_checkpoint
+from engine.metrics import TTA_MODES, tta_log_probabilities, tta_views
 from inputs.folders import find_files
 from model import model_from_checkpoint
 
@@ -33,6 +35,9 @@ def build_parser(with_ema):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--output", default=None, help="also write predictions to a .csv or .json file")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="test-time augmentation: the mean softmax of the image and its mirror (flip), or of "
+                             "the four corner and the center crops of the resized image (multi_crop)")
     if with_ema:  # only checkpoints that carry EMA weights offer the choice
         parser.add_argument("--weights", choices=("model", "ema"), default="model",
                             help="the trained weights, or their exponential moving average")
@@ -79,18 +84,18 @@ def find_images(inputs):
 
 
 class ImageFiles(Dataset):
-    """Any image paths through validation's own load_eval, so preprocessing cannot drift from it."""
+    """Any image paths through validation's own load_eval (metrics.tta_views: with multi_crop, its
+    five crops), so preprocessing cannot drift from it."""
 
-    def __init__(self, paths, preprocessing):
-        self.paths, self.preprocessing = paths, preprocessing
+    def __init__(self, paths, preprocessing, tta="none"):
+        self.paths, self.preprocessing, self.tta = paths, preprocessing, tta
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            image = load_eval(self.paths[index], self.preprocessing["image_size"], self.preprocessing["resize_size"])
-            return index, TF.pil_to_tensor(image), None
+            return index, tta_views(self.paths[index], self.preprocessing, self.tta), None
         except Exception as exc:  # one broken file must not cost the other predictions
             return index, None, first_line(exc)
 
@@ -108,8 +113,8 @@ def predict(model, paths, class_names, preprocessing, args, device):
     `preprocessing` is the checkpoint's (checkpoint_preprocessing): the run's own evaluation transform."""
     results = [None] * len(paths)
     topk = min(args.topk, len(class_names))
-    loader = DataLoader(ImageFiles(paths, preprocessing), batch_size=args.batch_size, num_workers=args.num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageFiles(paths, preprocessing, args.tta), batch_size=args.batch_size,
+                        num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
     for indices, images, errors in loader:
         for i, error in errors.items():
             print(f"warning: cannot read image {paths[i]} ({error})", file=sys.stderr, flush=True)
@@ -118,7 +123,7 @@ def predict(model, paths, class_names, preprocessing, args, device):
             continue
         # float32, as validation without --use_amp: probabilities must not depend on autocast.
         images = normalize(images.to(device, non_blocking=True), preprocessing["mean"], preprocessing["std"])
-        probs = model(images).float().softmax(dim=1)
+        probs = tta_log_probabilities(model, images, args.tta).exp()
         top_p, top_i = probs.topk(topk, dim=1)
         for i, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
             results[i] = dict(path=paths[i], predictions=[

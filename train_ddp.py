@@ -334,11 +334,12 @@ def validate(training, data, epoch, sums, args, ctx):
     model = unwrap(training.model)
     broadcast_buffers(model)  # evaluate and save the statistics rank 0 saves
     evaluated = [evaluate_classes(model, data.val_loader, data.val_size, training, ctx, args.batch_size, args.use_amp,
-                                  args.limit_val_batches, stop=training.stop)]
+                                  args.limit_val_batches, stop=training.stop, tta=args.tta)]
     if training.ema is not None and evaluated[0] is not None:
         broadcast_buffers(training.ema.module)  # each rank averaged its own batch statistics
         evaluated.append(evaluate_classes(training.ema.module, data.val_loader, data.val_size, training, ctx,
-                                          args.batch_size, args.use_amp, args.limit_val_batches, stop=training.stop))
+                                          args.batch_size, args.use_amp, args.limit_val_batches, stop=training.stop,
+                                          tta=args.tta))
     if None in evaluated:
         return None, None
     record = dict(epoch=epoch, **sums.epoch_totals(), **evaluated[0].metrics("val_"))

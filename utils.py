@@ -108,9 +108,10 @@ def read_confusion(path):
     return names, counts, report.get("epoch")
 
 
-def plot_confusion(names, counts, epoch, output):
+def plot_confusion(names, counts, epoch, output, title=None):
     """Rows normalised to shares of each true class's images; readable up to ~100 classes: small
-    tick labels, a colour bar, per-cell counts only for a few classes."""
+    tick labels, a colour bar, per-cell counts only for a few classes. `title` names what was
+    evaluated (evaluate.py's test set); by default the best checkpoint of a training run's epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +134,7 @@ def plot_confusion(names, counts, epoch, output):
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     at_epoch = f" (epoch {epoch})" if epoch is not None else ""
-    ax.set_title(f"Confusion matrix of the best checkpoint{at_epoch}, rows normalised")
+    ax.set_title(title or f"Confusion matrix of the best checkpoint{at_epoch}, rows normalised")
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)

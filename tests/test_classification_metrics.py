@@ -1,5 +1,6 @@
-"""Top-5 accuracy and the best checkpoint's per-class metrics (log_dir/best_per_class.json), proven
-on real runs: one process and real torchrun count every validation image exactly once."""
+"""Top-5 accuracy, macro-F1, balanced accuracy and the best checkpoint's per-class metrics
+(log_dir/best_per_class.json), proven on real runs: one process and real torchrun count every
+validation image exactly once, and scikit-learn computes the same numbers from the predictions."""
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import data_flags, run_cli, torchrun, train_cmd
 from PIL import Image
+from sklearn import metrics as sk
 
 import train_ddp
 
@@ -52,6 +54,8 @@ def test_one_and_two_processes_give_the_same_top5_and_per_class_report(tmp_path)
     history_two, report_two, _ = read_run(f"{tmp_path}/two")
     assert report_two == report  # every count, so no image was duplicated or dropped across ranks
     assert history_two["val_acc5"] == history["val_acc5"] and history_two["val_acc"] == history["val_acc"]
+    assert history_two["val_macro_f1"] == history["val_macro_f1"]
+    assert history_two["val_balanced_acc"] == history["val_balanced_acc"]
 
     assert len(history["val_acc5"]) == 2 and "top-5" in one.stdout
     assert all(acc5 >= acc and acc5 * 13 / 100 == round(acc5 * 13 / 100)  # whole images out of 13
@@ -67,6 +71,15 @@ def test_one_and_two_processes_give_the_same_top5_and_per_class_report(tmp_path)
         assert entry["name"] == SEVEN_CLASSES[k] and entry["correct"] == confusion[k, k]
         assert entry["recall"] == 100 * confusion[k, k] / confusion[k].sum()
     assert sum(e["recall"] * e["images"] for e in report["per_class"]) / 13 == pytest.approx(val_acc)
+    # The best epoch's predictions, as (true, predicted) pairs, through scikit-learn.
+    labels = [true for (true, _), count in np.ndenumerate(confusion) for _ in range(count)]
+    predicted = [guess for (_, guess), count in np.ndenumerate(confusion) for _ in range(count)]
+    assert history["val_macro_f1"][best_epoch - 1] == pytest.approx(
+        100 * sk.f1_score(labels, predicted, average="macro", zero_division=0), rel=1e-12)
+    assert history["val_balanced_acc"][best_epoch - 1] == pytest.approx(
+        100 * sk.balanced_accuracy_score(labels, predicted), rel=1e-12)
+    _, _, f1, _ = sk.precision_recall_fscore_support(labels, predicted, labels=range(7), zero_division=0)
+    assert [e["f1"] for e in report["per_class"]] == pytest.approx(100 * f1, rel=1e-12)
 
     result = run_cli([sys.executable, "utils.py", "--confusion", f"{tmp_path}/one/logs/best_per_class.json",
                       "--output", f"{tmp_path}/confusion.png"])

@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import CLASSES, REPO, data_flags, make_tiny_data, run_cli, train_cmd
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 import predict
-from dataset import AugmentedImageFolder, normalize
+from dataset import AugmentedImageFolder, load_eval, normalize
 from engine.checkpoint import checkpoint_preprocessing
-from model import build_model
+from model import build_model, model_from_checkpoint
 
 PREDICT = [sys.executable, os.path.join(REPO, "predict.py")]
 
@@ -106,6 +108,38 @@ def test_resnet18_checkpoint(trained, tmp_path):
     expected = validation_probabilities(trained["resnet"], trained["val_dir"])[image]
     assert len(pred["predictions"]) == 1
     assert pred["predictions"][0]["probability"] == pytest.approx(max(expected), abs=1e-6)
+
+
+def tta_probabilities_by_hand(checkpoint_path, path, tta):
+    """The mean softmax over an image's views, one view at a time: validation's center crop and its
+    mirror made with torch.flip, or torchvision's own Resize and FiveCrop transforms."""
+    checkpoint = torch.load(checkpoint_path)
+    model, prep = model_from_checkpoint(checkpoint), checkpoint_preprocessing(checkpoint)
+    if tta == "flip":
+        center = TF.pil_to_tensor(load_eval(path, prep["image_size"], prep["resize_size"]))
+        views = [center, center.flip(-1)]
+    else:
+        resized = transforms.Resize(prep["resize_size"])(Image.open(path).convert("RGB"))
+        views = [TF.pil_to_tensor(crop) for crop in transforms.FiveCrop(prep["image_size"])(resized)]
+    with torch.no_grad():
+        return torch.stack([model(normalize(view[None], prep["mean"], prep["std"])).softmax(dim=1)[0]
+                            for view in views]).mean(dim=0).tolist()
+
+
+@pytest.mark.parametrize("tta", ["flip", "multi_crop"])
+def test_tta_probabilities_are_the_mean_softmax_of_the_views_computed_by_hand(trained, tmp_path, tta):
+    out = tmp_path / "preds.json"
+    assert predict.main(["--checkpoint", trained["tiny"], trained["val_dir"], "--tta", tta, "--batch_size", "3",
+                         "--output", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    plain = validation_probabilities(trained["tiny"], trained["val_dir"])
+    assert len(preds) == 8
+    for p in preds:
+        expected = tta_probabilities_by_hand(trained["tiny"], p["path"], tta)
+        assert {q["class"]: q["probability"] for q in p["predictions"]} == pytest.approx(
+            dict(zip(CLASSES, expected)), abs=1e-6)
+    assert max(abs(q["probability"] - plain[p["path"]][CLASSES.index(q["class"])])
+               for p in preds for q in p["predictions"]) > 1e-5  # the views changed the probabilities
 
 
 def test_a_16_bit_png_is_predicted_as_its_8_bit_high_bytes_not_as_white(trained, tmp_path):
