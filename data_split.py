@@ -1,4 +1,4 @@
-"""Split a folder of class sub-folders into an ImageFolder train/val(/test) tree.
+"""Split a folder of class sub-folders into an ImageFolder train/val(/test) tree, or label files.
 
     python data_split.py --input_dir raw --output_dir data \
         --train_ratio 0.8 --val_ratio 0.2 --image_extensions png,jpg,jpeg
@@ -10,10 +10,15 @@ Output: data/train/<class>/..., data/val/<class>/..., data/test/<class>/...
         deterministic for a given --seed; every class gets a train image, and a val
         image when --val_ratio > 0 (a class of one image is then refused). The output
         is written beside --output_dir and moved into place when complete.
+        With --write_csv: data/train.csv, data/val.csv (data/test.csv) instead, nothing
+        copied: a header row "image,label", then one row per image, its path relative to
+        --input_dir and its class (train_ddp.py --train_csv, --val_csv, --image_root raw).
 """
+import csv
 import hashlib
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -102,11 +107,21 @@ def find_images(input_dir, extensions):
     return files_by_class, warnings
 
 
-def check_output_dir(input_dir, output_dir):
-    if output_dir == input_dir or input_dir in output_dir.parents:
+def check_output_dir(input_dir, output_dir, mode):
+    """A message saying why the output cannot go to output_dir, or None. Label files may go into
+    the input folder itself (they are not class folders), never below it."""
+    if mode == "csv" and input_dir in output_dir.parents:
+        return (f"--output_dir {output_dir} is inside the input dir; write the label files outside it, or into "
+                "--input_dir itself")
+    if mode != "csv" and (output_dir == input_dir or input_dir in output_dir.parents):
         return f"--output_dir {output_dir} is the input dir or inside it; pick a folder outside it"
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} exists and is not a folder"
+    if mode == "csv":
+        for name in ("train.csv", "val.csv", "test.csv"):
+            if os.path.lexists(output_dir / name):
+                return f"{output_dir / name} already exists; remove it or pick another --output_dir"
+        return None
     for split in ("train", "val", "test"):
         split_dir = output_dir / split
         if split_dir.is_dir() and any(split_dir.iterdir()):
@@ -129,7 +144,7 @@ def print_table(splits, files_by_class):
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--input_dir", required=True, help="folder of class sub-folders")
-    p.add_argument("--output_dir", required=True, help="where train/ val/ (test/) go")
+    p.add_argument("--output_dir", required=True, help="where train/ val/ (test/), or their .csv files, go")
     p.add_argument("--train_ratio", type=float, required=True)
     p.add_argument("--val_ratio", type=float, required=True)
     p.add_argument("--test_ratio", type=float, default=0.0)
@@ -141,6 +156,11 @@ def parse_args(argv):
                       help="copy files (default)")
     mode.add_argument("--symlink", dest="mode", action="store_const", const="symlink",
                       help="create absolute symlinks to the originals instead of copying")
+    mode.add_argument("--write_csv", dest="mode", action="store_const", const="csv",
+                      help="write label files train.csv, val.csv (test.csv) into --output_dir instead of copying: "
+                           "columns image,label, each path relative to --input_dir, rows in ImageFolder's order; "
+                           "train with --train_csv and --val_csv, and --image_root INPUT_DIR unless --output_dir "
+                           "is --input_dir itself")
     p.set_defaults(mode="copy")
     return p.parse_args(argv)
 
@@ -170,37 +190,69 @@ def stop(signum, _frame):
     raise Stopped(signum)
 
 
+def output_names(splits, mode):
+    """What each split becomes in --output_dir: a folder, or with --write_csv a label file."""
+    return [f"{split}.csv" if mode == "csv" else split for split in splits]
+
+
 def write_splits(splits, input_dir, output_dir, mode):
-    """Copy (or link) every split into a hidden folder beside output_dir, then move the finished
-    split folders into place: a failure or a stop signal leaves nothing behind, so a rerun is not
-    refused. Split folders that exist are empty (check_output_dir), so os.replace may take their place."""
+    """Copy (or link) every split, or write its label file, into a hidden folder beside output_dir,
+    then move the finished split folders (files) into place: a failure or a stop signal leaves
+    nothing behind, so a rerun is not refused. Split folders that exist are empty and label files
+    do not exist (check_output_dir), so os.replace may take their place."""
     created = outermost_missing(output_dir)  # made here, so removed again on failure
     moved, staging = [], None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-partial-", dir=output_dir.parent))
-        for split, by_class in splits.items():
-            (staging / split).mkdir()
-            for class_name, files in by_class.items():
-                for rel in files:
-                    src, dst = input_dir / class_name / rel, staging / split / class_name / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    if mode == "symlink":
-                        os.symlink(src, dst)
-                    else:
-                        shutil.copy2(src, dst)
-        for split in splits:
-            os.replace(staging / split, output_dir / split)
-            moved.append(split)
+        for (split, by_class), name in zip(splits.items(), output_names(splits, mode)):
+            if mode == "csv":
+                write_label_file(staging / name, by_class)
+            else:
+                place_files(by_class, input_dir, staging / name, mode)
+        for name in output_names(splits, mode):
+            os.replace(staging / name, output_dir / name)
+            moved.append(name)
     except BaseException:
-        for split in moved:
-            os.replace(output_dir / split, staging / split)
+        for name in moved:
+            os.replace(output_dir / name, staging / name)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def place_files(by_class, input_dir, split_dir, mode):
+    """Copy (or link) one split's files into split_dir/<class>/."""
+    split_dir.mkdir()
+    for class_name, files in by_class.items():
+        for rel in files:
+            src, dst = input_dir / class_name / rel, split_dir / class_name / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if mode == "symlink":
+                os.symlink(src, dst)
+            else:
+                shutil.copy2(src, dst)
+
+
+def write_label_file(path, by_class):
+    """One split as a label file (inputs/label_files.py): image paths relative to the input folder
+    and their classes, classes sorted and files sorted within each, as ImageFolder orders them."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "label"])
+        writer.writerows((f"{class_name}/{rel}", class_name) for class_name in sorted(by_class)
+                         for rel in by_class[class_name])
+
+
+def training_flags(splits, input_dir, output_dir):
+    """The train_ddp.py flags that read the label files written by --write_csv."""
+    flags = ["--train_csv", output_dir / "train.csv"]
+    flags += ["--val_csv", output_dir / "val.csv"] if any(splits["val"].values()) else []
+    flags += [] if output_dir == input_dir else ["--image_root", input_dir]
+    return shlex.join(map(str, flags))
 
 
 def outermost_missing(path):
@@ -224,7 +276,7 @@ def run(argv):
     output_dir = Path(args.output_dir).resolve()
     if not input_dir.is_dir():
         raise UsageError(f"--input_dir {args.input_dir} does not exist or is not a folder")
-    problem = check_output_dir(input_dir, output_dir)
+    problem = check_output_dir(input_dir, output_dir, args.mode)
     if problem:
         raise UsageError(problem)
     files_by_class, skipped = find_images(input_dir, extensions)
@@ -257,8 +309,11 @@ def run(argv):
         print(f"stopped by signal {exc.signum}; nothing was written", file=sys.stderr)
         return 128 + exc.signum
 
-    verb = "linked" if args.mode == "symlink" else "copied"
-    print(f"{verb} files into {output_dir} (seed {args.seed})")
+    if args.mode == "csv":
+        print(f"wrote {', '.join(output_names(splits, args.mode))} into {output_dir} (seed {args.seed}), image "
+              f"paths relative to {input_dir}; train with: {training_flags(splits, input_dir, output_dir)}")
+    else:
+        print(f"{'linked' if args.mode == 'symlink' else 'copied'} files into {output_dir} (seed {args.seed})")
     print_table(splits, files_by_class)
 
 

@@ -22,7 +22,7 @@ import time
 
 from config import parse_args
 from core.errors import USER_ERRORS, CheckpointError, ConfigError
-from inputs.folders import check_data_folders, refuse_empty_classes
+from inputs.label_files import check_run_data
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ddp.py")
 
@@ -93,10 +93,7 @@ def check_launch(args, train_argv, visible_gpus):
         raise ConfigError(f"--num_gpus {args.num_gpus} but only {visible_gpus} CUDA device(s) are visible; "
                           f"use --num_gpus {visible_gpus} or fewer (check CUDA_VISIBLE_DEVICES)")
     train_args = parse_args(train_argv, other_flags=list(build_parser()._option_string_actions))
-    if not train_args.demo:
-        classes = check_data_folders(train_args.train_dir, train_args.val_dir)
-        refuse_empty_classes(train_args.train_dir, classes)
-        refuse_empty_classes(train_args.val_dir, classes)
+    check_run_data(train_args)
     if train_args.resume and not os.path.isfile(train_args.resume):
         raise CheckpointError(f"checkpoint not found: {train_args.resume}")
 

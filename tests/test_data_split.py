@@ -1,4 +1,6 @@
+import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -6,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_same_weights, data_flags, load_weights, write_image_folder
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import train_ddp  # noqa: E402
 from data_split import split_files  # noqa: E402
 
 
@@ -350,3 +354,65 @@ def test_cli_accepts_existing_empty_output_dirs(tmp_path):
     (out / "val").mkdir()
     assert run_cli(*base_args(inp, out)).returncode == 0
     assert len(list(out.rglob("*.png"))) == 4
+
+
+# ---------------------------------------------------------------- --write_csv
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.reader(file))
+
+
+def test_cli_write_csv_lists_each_split_as_the_copied_folders_hold_it(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"cat": 10, "dog": 5, "odd, name": 4})
+    (inp / "dog" / "sub").mkdir()
+    write_png(inp / "dog" / "sub" / "deep.png")
+    extra = ("--test_ratio", "0.1", "--train_ratio", "0.7")
+    assert run_cli(*base_args(inp, tmp_path / "copied", *extra)).returncode == 0
+    res = run_cli(*base_args(inp, tmp_path / "csv", *extra, "--write_csv"))
+    assert res.returncode == 0, res.stderr
+    out = (tmp_path / "csv").resolve()
+    assert sorted(p.name for p in out.iterdir()) == ["test.csv", "train.csv", "val.csv"]  # and nothing copied
+    for split in ("train", "val", "test"):
+        copied = listing(tmp_path / "copied" / split)
+        assert read_rows(out / f"{split}.csv") == [["image", "label"]] + [
+            [f"{class_name}/{rel}", class_name] for class_name in sorted(copied) for rel in copied[class_name]]
+    assert (f"wrote train.csv, val.csv, test.csv into {out} (seed 42), image paths relative to {inp.resolve()}; "
+            f"train with: --train_csv {out}/train.csv --val_csv {out}/val.csv --image_root {inp.resolve()}\n"
+            in res.stdout)
+
+
+def test_cli_write_csv_into_the_input_folder_needs_no_image_root(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 5, "b": 5})
+    res = run_cli(*base_args(inp, inp, "--write_csv"))
+    assert res.returncode == 0, res.stderr
+    assert f"train with: --train_csv {inp}/train.csv --val_csv {inp}/val.csv\n" in res.stdout
+    assert sorted(p.name for p in inp.iterdir()) == ["a", "b", "train.csv", "val.csv"]
+
+
+def test_cli_write_csv_refuses_an_output_inside_the_input_existing_label_files_and_copy(tmp_path):
+    inp = make_dataset(tmp_path / "raw", {"a": 4})
+    assert_refused(run_cli(*base_args(inp, inp / "splits", "--write_csv")),
+                   f"--output_dir {inp}/splits is inside the input dir; write the label files outside it, or into "
+                   "--input_dir itself")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val.csv").write_text("mine\n")
+    assert_refused(run_cli(*base_args(inp, out, "--write_csv")),
+                   f"{out}/val.csv already exists; remove it or pick another --output_dir")
+    assert sorted(p.name for p in out.iterdir()) == ["val.csv"] and (out / "val.csv").read_text() == "mine\n"
+    assert "not allowed with" in run_cli(*base_args(inp, out, "--copy", "--write_csv")).stderr
+
+
+def test_cli_write_csv_output_trains_as_the_copied_split_does(tmp_path):
+    inp = tmp_path / "raw images"  # the printed flags are quoted for a shell
+    write_image_folder(str(inp), per_class=6)
+    assert run_cli(*base_args(inp, tmp_path / "copied", "--train_ratio", "0.5", "--val_ratio", "0.5")).returncode == 0
+    res = run_cli(*base_args(inp, tmp_path / "csv", "--train_ratio", "0.5", "--val_ratio", "0.5", "--write_csv"))
+    flags = shlex.split(res.stdout.split("train with: ")[1].splitlines()[0])
+    common = dict(model="tiny_cnn", batch_size=3, limit_train_batches=3, num_sanity_val_steps=0)
+    copied = dict(train_dir=f"{tmp_path}/copied/train", val_dir=f"{tmp_path}/copied/val")
+    assert train_ddp.main(data_flags(copied, f"{tmp_path}/run_copied", **common)) == 0
+    assert train_ddp.main(data_flags(dict(train_dir=None, val_dir=None), f"{tmp_path}/run_csv", **common) + flags) == 0
+    assert_same_weights(load_weights(f"{tmp_path}/run_copied/checkpoints/checkpoint_latest.pth"),
+                        load_weights(f"{tmp_path}/run_csv/checkpoints/checkpoint_latest.pth"), exact=True)
