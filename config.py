@@ -197,8 +197,9 @@ def add_augmentation_flags(augment):
 
 def add_model_flags(model):
     model.add_argument("--model", default="resnet18",
-                       help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) "
-                            "or tiny_cnn; its head is replaced for the dataset's classes")
+                       help="torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...), "
+                            "tiny_cnn, or timm/NAME for timm's model NAME (timm/resnet50, timm/vit_small_patch16_224, "
+                            "...); its head is replaced for the dataset's classes")
     model.add_argument("--sync_bn", action="store_true",
                        help="SyncBatchNorm across processes (CUDA only; ignored with a note on CPU)")
     model.add_argument("--channels_last", action="store_true",
@@ -206,12 +207,14 @@ def add_model_flags(model):
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the training model; checkpoints still load into an uncompiled model")
     model.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
-                       help="start from torchvision's pretrained weights for --model: DEFAULT (the flag alone) or a "
-                            "name such as IMAGENET1K_V1; downloaded once into torch.hub's cache by one process per "
-                            "node (offline: put the file there, the error names it)")
+                       help="start from pretrained weights for --model: DEFAULT (the flag alone), a torchvision name "
+                            "such as IMAGENET1K_V1, or a timm tag such as a1_in1k; downloaded once per node into "
+                            "torch.hub's cache (timm models: the Hugging Face cache) (offline: put the file there, "
+                            "the error names it)")
     model.add_argument("--pretrained_weights", default=None, metavar="PATH",
-                       help="local weights file to start from; its classification head is kept only "
-                            "if it has as many classes as the dataset")
+                       help="local weights file to start from (.pth, a training checkpoint, or timm's "
+                            ".safetensors); its classification head is kept only if it has as many classes as the "
+                            "dataset")
 
 
 def add_optimisation_flags(optim):

@@ -258,7 +258,9 @@ class AugmentedImageFolder(torchvision.datasets.ImageFolder):
 
     def item(self, index, key, load):
         image = self.readable(self.samples[index][0], load)
-        return None if image is None else (torch.from_numpy(planar(image)), self.samples[index][1], key)
+        target = self.samples[index][1]
+        target = torch.tensor(target) if isinstance(target, tuple) else target  # a multi-label row
+        return None if image is None else (torch.from_numpy(planar(image)), target, key)
 
     def readable(self, path, load):
         """load(path); an unreadable file raises a DataError naming it, or with skip_bad_images
@@ -295,7 +297,11 @@ class AugmentedLabelFile(AugmentedImageFolder):
         return list(self.run_classes), {name: label for label, name in enumerate(self.run_classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """The label file's checked samples, already in ImageFolder's order."""
+        """The label file's checked samples, already in ImageFolder's order. A multi-label sample's
+        target is its row of 0/1 per class (a tuple, which the items give as a float tensor)."""
+        if self.label_file.samples and isinstance(self.label_file.samples[0][1], tuple):
+            return [(path, tuple(float(name in names) for name in class_to_idx)) for path, names
+                    in self.label_file.samples]
         return [(path, class_to_idx[name]) for path, name in self.label_file.samples]
 
 

@@ -19,7 +19,10 @@ export wrote.
 
 ONNX uses torch's default (dynamo) exporter, which needs the `onnx` and `onnxscript` packages
 (requirements-dev.txt). TorchScript uses torch.jit.trace: torch deprecates TorchScript, but it
-still loads with a bare `torch.jit.load` and no project code.
+still loads with a bare `torch.jit.load` and no project code. Every model is traced, timm's too
+(--model timm/NAME): tracing needs no TorchScript-compatible Python in the model, and fixes the
+one image size the export takes, which is what a timm ViT's position embeddings are resampled
+for (model.py).
 """
 import importlib.util
 import json
@@ -49,11 +52,12 @@ ONNX_START = b"\x08"
 
 
 class NormalizingClassifier(torch.nn.Module):
-    """uint8 NCHW images in, logits out: training's own normalisation, then the classifier."""
+    """uint8 NCHW images in, logits out: training's own normalisation, then the classifier. A
+    --multi_label model gives each class's sigmoid probability instead (`multi_label`)."""
 
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, multi_label=False):
         super().__init__()
-        self.model = model
+        self.model, self.multi_label = model, multi_label
         # dataset.normalize's constants as buffers, taken eagerly: calling normalize inside the export
         # would fill its lru_cache with the exporter's fake tensors.
         scale, shift = normalization_constants(torch.device("cpu"), torch.float32, tuple(mean), tuple(std))
@@ -61,7 +65,8 @@ class NormalizingClassifier(torch.nn.Module):
         self.register_buffer("shift", shift.clone())
 
     def forward(self, images):
-        return self.model(torch.addcmul(self.shift, images.to(torch.float32), self.scale))  # = normalize(images)
+        logits = self.model(torch.addcmul(self.shift, images.to(torch.float32), self.scale))  # = normalize(images)
+        return torch.sigmoid(logits) if self.multi_label else logits
 
 
 def build_parser():
@@ -125,13 +130,19 @@ def export_metadata(checkpoint, weights):
     """What a deployment needs besides the graph: the label names and the preprocessing."""
     preprocessing = checkpoint_preprocessing(checkpoint)
     image_size = preprocessing["image_size"]
-    return dict(
+    metadata = dict(
         class_names=list(checkpoint["class_names"]),
         model_name=checkpoint_model_name(checkpoint),
         weights=weights, **preprocessing,
         input=f"uint8 RGB, NCHW, N x 3 x {image_size} x {image_size}: the shorter side resized to resize_size, "
               "then center-cropped; mean/std are applied inside the model (on 0-1 scaled pixels)",
         output="float32 logits, N x len(class_names), in class_names order")
+    if checkpoint["config"].get("multi_label"):
+        metadata.update(
+            multi_label=True, thresholds=checkpoint.get("thresholds") or [0.5] * len(checkpoint["class_names"]),
+            output="float32 sigmoid probabilities, N x len(class_names), in class_names order; an image has "
+                   "the classes whose probability is at least their entry of thresholds (tuned on validation)")
+    return metadata
 
 
 def example_images(image_size, batch):
@@ -157,6 +168,9 @@ def write_torchscript(model, images, metadata, path):
     with warnings.catch_warnings():
         # torch.jit's deprecation notices: TorchScript is what --format torchscript asks for.
         warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+        # Python values the trace fixes (a timm ViT's patch grid): the export takes one image size, and
+        # the batch size, the one dimension left free, is checked below.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         try:
             traced = torch.jit.trace(model, images)
         except Exception as exc:
@@ -181,7 +195,8 @@ def export(checkpoint, export_format, weights, output):
         raise CheckpointError("--weights ema: the checkpoint has no EMA weights (it was trained without "
                               "--use_ema); use --weights model")
     metadata = export_metadata(checkpoint, weights)
-    model = NormalizingClassifier(model_from_checkpoint(checkpoint, weights), metadata["mean"], metadata["std"]).eval()
+    model = NormalizingClassifier(model_from_checkpoint(checkpoint, weights), metadata["mean"], metadata["std"],
+                                  metadata.get("multi_label", False)).eval()
     with atomic_path(output) as staged_model:
         open(staged_model, "wb").close()
         with torch.no_grad():

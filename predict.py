@@ -108,9 +108,11 @@ def collate(batch):
 
 
 @torch.no_grad()
-def predict(model, paths, class_names, preprocessing, args, device):
+def predict(model, paths, class_names, preprocessing, args, device, thresholds=None):
     """One result per path: {path, predictions: [{class, probability}] best first} or {path, error}.
-    `preprocessing` is the checkpoint's (checkpoint_preprocessing): the run's own evaluation transform."""
+    `preprocessing` is the checkpoint's (checkpoint_preprocessing): the run's own evaluation transform.
+    With `thresholds` (a --multi_label checkpoint's, per class) the probabilities are each class's
+    sigmoid, and each result also lists `labels`: the classes at or above their threshold."""
     results = [None] * len(paths)
     topk = min(args.topk, len(class_names))
     loader = DataLoader(ImageFiles(paths, preprocessing, args.tta), batch_size=args.batch_size,
@@ -123,11 +125,16 @@ def predict(model, paths, class_names, preprocessing, args, device):
             continue
         # float32, as validation without --use_amp: probabilities must not depend on autocast.
         images = normalize(images.to(device, non_blocking=True), preprocessing["mean"], preprocessing["std"])
-        probs = tta_log_probabilities(model, images, args.tta).exp()
+        if thresholds is None:
+            probs = tta_log_probabilities(model, images, args.tta).exp()
+        else:
+            probs = torch.sigmoid(model(images).float())
         top_p, top_i = probs.topk(topk, dim=1)
-        for i, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
+        for i, p_row, i_row, all_p in zip(indices, top_p.tolist(), top_i.tolist(), probs.tolist()):
             results[i] = dict(path=paths[i], predictions=[
                 {"class": class_names[c], "probability": p} for c, p in zip(i_row, p_row)])
+            if thresholds is not None:
+                results[i]["labels"] = [name for name, p, t in zip(class_names, all_p, thresholds) if p >= t]
     return results
 
 
@@ -135,7 +142,8 @@ def print_table(results):
     width = max(len(r["path"]) for r in results)
     for r in results:
         cells = [f"{p['class']}:{p['probability']:.4f}" for p in r["predictions"]]
-        print(f"{r['path']:<{width}}  {'ERROR: ' + r['error'] if 'error' in r else '  '.join(cells)}")
+        labels = f"  labels: {', '.join(r['labels']) or '-'}" if "labels" in r else ""
+        print(f"{r['path']:<{width}}  {'ERROR: ' + r['error'] if 'error' in r else '  '.join(cells) + labels}")
 
 
 def write_output(results, path):
@@ -144,12 +152,15 @@ def write_output(results, path):
             json.dump(results, f, indent=1)
             return
         writer = csv.writer(f)
-        writer.writerow(["path", "rank", "class", "probability", "error"])
+        multi_label = any("labels" in r for r in results)  # then a column says which classes the image has
+        writer.writerow(["path", "rank", "class", "probability", "error"] + (["label"] if multi_label else []))
         for r in results:
             if "error" in r:
-                writer.writerow([as_text_cell(r["path"]), "", "", "", as_text_cell(r["error"])])
+                writer.writerow([as_text_cell(r["path"]), "", "", "", as_text_cell(r["error"])] + [""] * multi_label)
             for rank, p in enumerate(r["predictions"], start=1):
-                writer.writerow([as_text_cell(r["path"]), rank, as_text_cell(p["class"]), repr(p["probability"]), ""])
+                has = [int(p["class"] in r["labels"])] if multi_label else []
+                writer.writerow([as_text_cell(r["path"]), rank, as_text_cell(p["class"]), repr(p["probability"]), ""]
+                                + has)
 
 
 # A spreadsheet reads a cell starting with one of these as a formula (CSV injection).
@@ -168,7 +179,13 @@ def run(argv):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     # load_checkpoint maps to the CPU; the model then moves to the chosen device once.
     model = model_from_checkpoint(checkpoint, getattr(args, "weights", "model")).to(device)
-    results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device)
+    thresholds = None
+    if checkpoint["config"].get("multi_label"):
+        if args.tta != "none":
+            raise UsageError("--tta averages softmax views of one-label checkpoints; this checkpoint is --multi_label")
+        thresholds = checkpoint.get("thresholds") or [0.5] * len(checkpoint["class_names"])
+    results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device,
+                      thresholds)
     print_table(results)
     if args.output:
         write_output(results, args.output)  # an unwritable --output: one error line (cli.run_command)

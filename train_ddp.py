@@ -46,8 +46,9 @@ from engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from engine.losses import class_weight_values, training_loss
-from engine.metrics import EpochSums, class_report, evaluate, evaluate_classes
+from engine.losses import loss_weights
+from engine.metrics import EpochSums, class_report, evaluate_classes
+from engine.multilabel import evaluate_multilabel, multilabel_report
 from engine.resume import resume_run
 from engine.training import build_data, build_training, enter_epoch, settle
 from model import unwrap
@@ -94,7 +95,7 @@ def train(args, ctx, stop):
     args, plan = settle(args, ctx, checkpoint, resume_path)  # read-only from here
     data = build_data(args, ctx)
     args = start_afresh(args, ctx, resume_path)
-    class_weights = class_weight_values(args.class_weights, data.train_labels, data.class_names)
+    class_weights = loss_weights(args, data.train_labels, data.class_names)
     training = build_training(args, ctx, len(data.class_names), len(data.train_loader), stop,
                               resuming=checkpoint is not None, class_weights=class_weights)
     state = resume_run(checkpoint, training, ctx.rank, plan, args) if checkpoint else RunState()
@@ -103,8 +104,7 @@ def train(args, ctx, stop):
     state.global_batch = args.batch_size * ctx.world_size * args.gradient_accumulation_steps
     main_print(ctx, describe_setup(data, training, args, ctx))
     if args.num_sanity_val_steps and state.epoch == 0 and state.step == 0:
-        evaluate(unwrap(training.model), data.val_loader, data.val_size, training, ctx, args.batch_size,
-                 args.use_amp, max_batches=args.num_sanity_val_steps)
+        evaluate_model(unwrap(training.model), training, data, args, ctx, max_batches=args.num_sanity_val_steps)
         main_print(ctx, f"Sanity check: validation ran on up to {args.num_sanity_val_steps} batch(es) per process.")
 
     stop.defer()  # from here a signal stops the run at a joint check, after a checkpoint
@@ -112,7 +112,7 @@ def train(args, ctx, stop):
     for epoch in range(state.epoch + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
         sums = train_one_epoch(training, data, epoch, state, args, ctx)
-        record, confusion = validate(training, data, epoch, sums, args, ctx) if sums is not None else (None, None)
+        record, evaluation = validate(training, data, epoch, sums, args, ctx) if sums is not None else (None, None)
         if record is None:  # stopped by a signal, in training or validation: the steps trained are saved
             if sums is not None:
                 save(training, state, data, ["checkpoint_latest.pth"], args, ctx, sums)
@@ -123,10 +123,11 @@ def train(args, ctx, stop):
             break
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         monitored = record[("ema_" if training.ema is not None else "") + args.monitor_metric]
+        state.thresholds = getattr(evaluation, "thresholds", None)  # --multi_label: tuned on this validation
         names, dropped = state.end_epoch(record, monitored, args)
         main_print(ctx, describe_epoch(record, state, args))
         save(training, state, data, names, args, ctx)
-        finish_epoch_files(state, names, dropped, confusion, data.class_names, args, ctx)
+        finish_epoch_files(state, names, dropped, evaluation, data.class_names, args, ctx)
         log_epoch(training.logger, record, epoch * training.steps_per_epoch)
         if state.should_stop_early(args):
             main_print(ctx, f"Early stopping: {args.monitor_metric} has not improved by more than "
@@ -258,10 +259,9 @@ def forward_backward(training, images, labels, epoch, keys, skipped, group_size,
     with skip_sync:
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=args.use_amp):
             logits = training.model(images)
-            loss = training_loss(logits, targets, args.label_smoothing, training.class_weights, args.loss,
-                                 args.focal_gamma)
+            loss = training.criterion(logits, targets)
         training.scaler.scale(loss / group_size).backward()
-    sums.add_batch(loss, logits, targets if pairs is None else targets.argmax(dim=1), skipped)
+    sums.add_batch(loss, logits, targets if pairs is None or args.multi_label else targets.argmax(dim=1), skipped)
     return loss, pairs
 
 
@@ -327,25 +327,34 @@ def stop_now(training, sums, epoch, update, args, ctx):
 
 
 def validate(training, data, epoch, sums, args, ctx):
-    """(record, confusion): the epoch's record, its training metrics and exact validation of the
-    model (and the EMA), top-5 included with more than 5 classes; and the confusion matrix of the
-    monitored model (the EMA when there is one, as for best). (None, None) when the ranks stop on
+    """(record, evaluation): the epoch's record, its training metrics and exact validation of the
+    model (and the EMA), top-5 included with more than 5 classes; and the monitored model's
+    evaluation (the EMA's when there is one, as for best: its confusion matrix, or with
+    --multi_label its per-class figures and tuned thresholds). (None, None) when the ranks stop on
     a signal meanwhile (the epoch's training is then saved as done)."""
     model = unwrap(training.model)
     broadcast_buffers(model)  # evaluate and save the statistics rank 0 saves
-    evaluated = [evaluate_classes(model, data.val_loader, data.val_size, training, ctx, args.batch_size, args.use_amp,
-                                  args.limit_val_batches, stop=training.stop, tta=args.tta)]
+    evaluated = [evaluate_model(model, training, data, args, ctx, args.limit_val_batches, training.stop)]
     if training.ema is not None and evaluated[0] is not None:
         broadcast_buffers(training.ema.module)  # each rank averaged its own batch statistics
-        evaluated.append(evaluate_classes(training.ema.module, data.val_loader, data.val_size, training, ctx,
-                                          args.batch_size, args.use_amp, args.limit_val_batches, stop=training.stop,
-                                          tta=args.tta))
+        evaluated.append(evaluate_model(training.ema.module, training, data, args, ctx, args.limit_val_batches,
+                                        training.stop))
     if None in evaluated:
         return None, None
     record = dict(epoch=epoch, **sums.epoch_totals(), **evaluated[0].metrics("val_"))
     if training.ema is not None:
         record.update(evaluated[1].metrics("ema_val_"))
-    return record, evaluated[-1].confusion
+    return record, evaluated[-1]
+
+
+def evaluate_model(model, training, data, args, ctx, max_batches=0, stop=None):
+    """Exact validation of `model` on all ranks: one label per image (metrics.evaluate_classes, with
+    --tta), or several (multilabel.evaluate_multilabel). None when stopped by a signal."""
+    if args.multi_label:
+        return evaluate_multilabel(model, data.val_loader, data.val_size, len(data.class_names), training, ctx,
+                                   args.batch_size, args.use_amp, max_batches, stop=stop)
+    return evaluate_classes(model, data.val_loader, data.val_size, training, ctx, args.batch_size, args.use_amp,
+                            max_batches, stop=stop, tta=args.tta)
 
 
 def save(training, state, data, names, args, ctx, sums=None):
@@ -360,7 +369,7 @@ def save(training, state, data, names, args, ctx, sums=None):
         write_json_atomic(os.path.join(args.log_dir, "config.json"), vars(args))
 
 
-def finish_epoch_files(state, names, dropped_top_k, confusion, class_names, args, ctx):
+def finish_epoch_files(state, names, dropped_top_k, evaluation, class_names, args, ctx):
     """Rank 0: delete the checkpoints that left the top k; rewrite the history file; with a new
     checkpoint_best.pth, write its per-class metrics and confusion matrix (the monitored model's)."""
     if not ctx.is_main or args.fast_dev_run:
@@ -369,7 +378,9 @@ def finish_epoch_files(state, names, dropped_top_k, confusion, class_names, args
         remove_quietly(os.path.join(args.checkpoint_dir, top_k_filename(old_epoch)))
     write_json_atomic(os.path.join(args.log_dir, "training_history.json"), state.history)
     if "checkpoint_best.pth" in names:
-        report = class_report(confusion, class_names, state.epoch, "ema" if args.use_ema else "model")
+        weights = "ema" if args.use_ema else "model"
+        report = (multilabel_report(evaluation, class_names, state.epoch, weights) if args.multi_label
+                  else class_report(evaluation.confusion, class_names, state.epoch, weights))
         write_json_atomic(os.path.join(args.log_dir, "best_per_class.json"), report)
 
 
@@ -379,6 +390,7 @@ def log_epoch(logger, record, global_step):
                "val/loss": record["val_loss"], "val/acc": record["val_acc"]}
     # top-5 with more than 5 classes; the EMA's with --use_ema
     optional = {"val_acc5": "val/acc5", "val_macro_f1": "val/macro_f1", "val_balanced_acc": "val/balanced_acc",
+                "val_map": "val/map", "val_micro_f1": "val/micro_f1", "ema_val_map": "val/ema_map",
                 "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc", "ema_val_acc5": "val/ema_acc5",
                 "ema_val_macro_f1": "val/ema_macro_f1", "ema_val_balanced_acc": "val/ema_balanced_acc"}
     metrics.update({name: record[key] for key, name in optional.items() if key in record})
@@ -405,7 +417,11 @@ def describe_epoch(record, state, args):
             f"acc {record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}% ")
     if "val_acc5" in record:
         line += f"top-5 {record['val_acc5']:.2f}% "
-    line += f"macro-F1 {record['val_macro_f1']:.2f}% bal. acc {record['val_balanced_acc']:.2f}% "
+    if "val_map" in record:  # --multi_label: acc is the exact-match accuracy
+        line += f"mAP {record['val_map']:.2f}% micro-F1 {record['val_micro_f1']:.2f}% "
+    line += f"macro-F1 {record['val_macro_f1']:.2f}% "
+    if "val_balanced_acc" in record:
+        line += f"bal. acc {record['val_balanced_acc']:.2f}% "
     if "ema_val_acc" in record:
         top5 = f", top-5 {record['ema_val_acc5']:.2f}%" if "ema_val_acc5" in record else ""
         line += f"(EMA {record['ema_val_loss']:.4f}, {record['ema_val_acc']:.2f}%{top5}) "

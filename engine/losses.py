@@ -7,11 +7,32 @@ for probability targets, -sum_c w_c t_c (1 - p_c)^gamma log p_c, it covers hard 
 smoothed labels and mixup/cutmix targets alike; gamma 0 is weighted cross-entropy.
 """
 import json
+from functools import partial
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from engine.multilabel import multilabel_loss, positive_weights
+
+
+def loss_weights(args, labels, class_names):
+    """The per-class weights of the run's training loss, or None: --class_weights, or with
+    --multi_label the BCE's --pos_weight (`labels`: the training images' classes or label rows)."""
+    if args.multi_label:
+        return positive_weights(labels) if args.pos_weight == "balanced" else None
+    return class_weight_values(args.class_weights, labels, class_names)
+
+
+def build_criterion(args, weights, device):
+    """(logits, targets) -> the run's training loss: multilabel_loss with --multi_label, else
+    training_loss with --loss, --label_smoothing and the per-class `weights` (loss_weights)."""
+    weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+    if args.multi_label:
+        return partial(multilabel_loss, pos_weight=weights, label_smoothing=args.label_smoothing)
+    return partial(training_loss, label_smoothing=args.label_smoothing, weights=weights, loss=args.loss,
+                   focal_gamma=args.focal_gamma)
 
 
 def class_weight_values(spec, labels, class_names):

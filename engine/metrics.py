@@ -57,9 +57,14 @@ class EpochSums:
         return cls(device, carried)
 
     def add_batch(self, loss, logits, labels, skipped):
-        self.loss += loss.detach().double() * labels.numel()
-        self.correct += (logits.argmax(dim=1) == labels).sum()
-        self.seen += labels.numel()
+        """A micro-batch's loss and hits: the top class is the label, or with multi-label targets
+        (B, classes) every class's sigmoid is on the target's side of 1/2 (exact match)."""
+        self.loss += loss.detach().double() * len(labels)
+        if labels.dim() == 2:
+            self.correct += ((logits > 0) == (labels > 0.5)).all(dim=1).sum()
+        else:
+            self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.seen += len(labels)
         self.skipped_images += skipped
 
     def add_update(self, nonfinite, learning_rate):

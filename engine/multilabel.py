@@ -65,7 +65,7 @@ def f1_scores(predicted, targets):
     per_class = np.where(predicted_count + actual > 0, 2 * hits / np.maximum(predicted_count + actual, 1), 0.0)
     denominator = predicted_count.sum() + actual.sum()
     micro = 2 * hits.sum() / denominator if denominator else 0.0
-    return 100 * micro, 100 * per_class.mean(), (100 * per_class).tolist()
+    return 100 * float(micro), 100 * float(per_class.mean()), (100 * per_class).tolist()
 
 
 def tune_thresholds(probabilities, targets):
@@ -94,6 +94,17 @@ def multilabel_metrics(probabilities, targets, thresholds=None):
     micro, macro, per_class_f1 = f1_scores(probabilities >= thresholds, targets)
     return dict(map=100 * float(np.mean(scored)) if scored else 0.0, micro_f1=micro, macro_f1=macro,
                 per_class_ap=[None if ap is None else 100 * ap for ap in per_class_ap], per_class_f1=per_class_f1)
+
+
+def multilabel_report(evaluation, class_names, epoch, weights):
+    """The best checkpoint's per-class figures as plain data (log_dir/best_per_class.json): AP and
+    F1 at 1/2, and the tuned threshold, per class; `weights`: "model" or "ema"."""
+    report = evaluation.report
+    per_class = [dict(name=name, ap=ap, f1=f1, threshold=threshold) for name, ap, f1, threshold
+                 in zip(class_names, report["per_class_ap"], report["per_class_f1"], evaluation.thresholds)]
+    return dict(epoch=epoch, weights=weights, multi_label=True, map=report["map"], micro_f1=report["micro_f1"],
+                macro_f1=report["macro_f1"], exact_match_accuracy=evaluation.acc, class_names=list(class_names),
+                per_class=per_class)
 
 
 @dataclass
@@ -143,6 +154,6 @@ def evaluate_multilabel(model, loader, dataset_size, num_classes, training, ctx,
     probabilities, targets = rows[:classes].T.cpu()[done].numpy(), rows[classes:2 * classes].T.cpu()[done].numpy()
     count = max(int(done.sum()), 1)
     thresholds = tune_thresholds(probabilities, targets)
-    exact = ((probabilities >= DEFAULT_THRESHOLD) == (targets > 0.5)).all(axis=1).sum()
+    exact = int(((probabilities >= DEFAULT_THRESHOLD) == (targets > 0.5)).all(axis=1).sum())
     return MultiLabelEvaluation(rows[2 * classes].sum().item() / count, 100 * exact / count,
                                 multilabel_metrics(probabilities, targets), thresholds)

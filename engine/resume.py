@@ -123,23 +123,23 @@ class ResumePlan:
 
 
 def check_resumable(checkpoint, path, class_names, model_name, multi_label=False):
-    """Refuse a checkpoint of another class set, another model or another kind of labels (one per
-    image, or several), before touching any state."""
-    if checkpoint["class_names"] != class_names:
-        raise CheckpointError(
-            f"{path} was trained on {len(checkpoint['class_names'])} classes "
-            f"({', '.join(checkpoint['class_names'][:5])}...), but --train_dir has "
-            f"{len(class_names)} ({', '.join(class_names[:5])}...); resume needs the same classes")
-    saved_model = checkpoint["config"].get("model", "resnet18")
-    if saved_model != model_name:
-        raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
-                              f"'{model_name}'; pass --model {saved_model} to resume it")
+    """Refuse a checkpoint of another kind of labels (one per image, or several), another class set
+    or another model, before touching any state."""
     trained_multi_label = checkpoint["config"].get("multi_label", False)
     if trained_multi_label != multi_label:
         kinds = {True: "several labels per image (--multi_label)", False: "one label per image"}
         raise CheckpointError(f"{path} was trained with {kinds[trained_multi_label]}, this run asks for "
                               f"{kinds[multi_label]}; {'add' if trained_multi_label else 'drop'} --multi_label to "
                               f"resume it, or start a new run from its weights with --pretrained_weights {path}")
+    if checkpoint["class_names"] != class_names:
+        raise CheckpointError(
+            f"{path} was trained on {len(checkpoint['class_names'])} classes "
+            f"({', '.join(checkpoint['class_names'][:5])}...), but the training data has "
+            f"{len(class_names)} ({', '.join(class_names[:5])}...); resume needs the same classes")
+    saved_model = checkpoint["config"].get("model", "resnet18")
+    if saved_model != model_name:
+        raise CheckpointError(f"{path} holds a '{saved_model}' model, but --model is "
+                              f"'{model_name}'; pass --model {saved_model} to resume it")
 
 
 def plan_resume(checkpoint, path, args, world_size):

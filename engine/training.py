@@ -28,6 +28,7 @@ from dataset import augmentation_policy, build_datasets, build_loaders, mixing_o
 from engine.batches import BatchStage, progressive_end_epoch
 from engine.distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from engine.loggers import RunLogger
+from engine.losses import build_criterion
 from engine.recipe import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 from engine.resume import check_resumable, plan_resume
 from fastload.device_decode import build_device_decoded_loaders
@@ -64,7 +65,7 @@ class Training:
     stop: StopRequest
     checks: JointChecks
     trace: SampleTrace | None       # --trace_samples
-    class_weights: torch.Tensor | None = None  # --class_weights of the training loss, per class, on the device
+    criterion: object = None        # (logits, targets) -> the training loss (losses.build_criterion)
     backbone_frozen: bool = False   # --freeze_backbone_epochs: set by enter_epoch
 
 
@@ -117,7 +118,7 @@ def build_data(args, ctx):
 def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=None, resuming=False,
                    class_weights=None):
     """Model (on the device, DDP- and compile-wrapped as asked), optimizer, schedule, scaler and EMA;
-    `class_weights`: the training loss's per-class weights (losses.class_weight_values) or None.
+    `class_weights`: the training loss's per-class weights (losses.loss_weights) or None.
 
     `args` is the settled configuration (settle). Everything is built before any checkpoint is
     restored into it (resume.resume_run); a run that resumes does not fetch starting weights (the
@@ -143,10 +144,10 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     model = wrap(model, ctx, args.find_unused_parameters, args.compile)
     trace = SampleTrace(args.log_dir, ctx) if args.trace_samples and not args.fast_dev_run else None
     stage = build_stage(args, ctx, num_classes, memory_format)
-    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=ctx.device)
+    criterion = build_criterion(args, class_weights, ctx.device)
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, stage, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
-                    JointChecks(ctx.device), trace, class_weights=weights)
+                    JointChecks(ctx.device), trace, criterion=criterion)
 
 
 def build_stage(args, ctx, num_classes, memory_format):

@@ -15,6 +15,10 @@ file describing a class-folder tree gives the same class indices and the same sa
 the same training, whatever its row order. A val file's labels must be train classes; it may lack
 some (a val folder may not: its class indices come from its folder names). Every problem is one
 line naming the file and line; the first is reported, with the number of others.
+
+With --multi_label a label cell lists an image's labels separated by --label_delimiter (a space by
+default, as Kaggle's multi-label competitions write them); a sample's label is then the sorted
+tuple of its class names, the classes are the union of all of them, and samples are sorted by path.
 """
 import csv
 import io
@@ -54,7 +58,8 @@ def run_data(args):
         raise ConfigError("--demo trains on its own digit folders: leave out --train_csv and --val_csv")
     if not (args.train_csv or args.val_csv):
         return RunData(check_data_folders(args.train_dir, args.val_dir), args.train_dir, args.val_dir)
-    columns = dict(image_root=args.image_root, image_column=args.image_column, label_column=args.label_column)
+    columns = dict(image_root=args.image_root, image_column=args.image_column, label_column=args.label_column,
+                   delimiter=args.label_delimiter if getattr(args, "multi_label", False) else None)
     train = read_label_file(args.train_csv, "train", **columns) if args.train_csv else args.train_dir
     classes = train.classes if args.train_csv else class_folders(args.train_dir, "train")
     if args.val_csv:
@@ -84,16 +89,17 @@ def check_run_data(args):
             refuse_empty_classes(source, data.classes)
 
 
-def read_label_file(path, role, image_root=None, image_column="image", label_column="label", classes=None):
+def read_label_file(path, role, image_root=None, image_column="image", label_column="label", classes=None,
+                    delimiter=None):
     """The LabelFile of the CSV file at `path` (`role` "train" or "val" names its flag in messages);
-    with `classes`, every label must be one of them."""
+    with `classes`, every label must be one of them; with a `delimiter`, a label cell lists several."""
     text = read_text(path, f"--{role}_csv")
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(root):
         raise DataError(f"--image_root {image_root} is not a folder")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        return read_rows(reader, path, root, (image_column, label_column), classes)
+        return read_rows(reader, path, root, (image_column, label_column), classes, delimiter)
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: not a CSV file ({exc})") from None
 
@@ -125,7 +131,7 @@ def line_at(raw, offset):
     return raw.count(b"\n", 0, offset) + 1
 
 
-def read_rows(reader, path, root, columns, classes):
+def read_rows(reader, path, root, columns, classes, delimiter=None):
     """read_label_file's work on the parsed rows: the header, then each row checked."""
     header = next((row for row in reader if any(cell.strip() for cell in row)), None)
     if header is None:
@@ -148,9 +154,13 @@ def read_rows(reader, path, root, columns, classes):
         if not image or not label:
             problems.append(f"{where}: empty {'image path' if not image else f'label for image {image!r}'}")
             continue
-        if known is not None and label not in known:
-            problems.append(f"{where}: label {label!r} is not a class of the training data ({names(classes)})")
+        labels = [label] if delimiter is None else sorted({part.strip() for part in label.split(delimiter)} - {""})
+        unknown = [name for name in labels if known is not None and name not in known]
+        if unknown:
+            problems.append(f"{where}: label {unknown[0]!r} is not a class of the training data ({names(classes)})")
             continue
+        if delimiter is not None:
+            label = tuple(labels)
         try:
             image_path, real = locate(image, root, real_root, real_folders)
         except DataError as exc:
@@ -161,15 +171,16 @@ def read_rows(reader, path, root, columns, classes):
             continue
         first_line[real] = reader.line_num
         relative = os.path.relpath(os.path.normpath(image_path), root)
-        samples.append(((label, os.path.dirname(relative), os.path.basename(relative)), image_path, label))
+        order = (label, os.path.dirname(relative), os.path.basename(relative)) if delimiter is None else relative
+        samples.append((order, image_path, label))
     if problems:
         more = f" (and {len(problems) - 1} more problem row(s))" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
     if not samples:
         raise DataError(f"{path} has a header but no image rows")
     samples.sort()
-    return LabelFile(path, root, [(image_path, label) for _, image_path, label in samples],
-                     sorted({label for _, _, label in samples}))
+    found = {name for _, _, label in samples for name in ((label,) if delimiter is None else label)}
+    return LabelFile(path, root, [(image_path, label) for _, image_path, label in samples], sorted(found))
 
 
 def header_columns(names_found, columns, where):

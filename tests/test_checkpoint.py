@@ -214,7 +214,7 @@ def test_check_resumable_refuses_other_classes():
         check_resumable(checkpoint, "ck.pth", ["circle", "rectangle", "triangle"], "tiny_cnn")
     message = str(error.value)
     assert "ck.pth was trained on 3 classes (circle, square, triangle...)" in message
-    assert "--train_dir has 3 (circle, rectangle, triangle...)" in message
+    assert "the training data has 3 (circle, rectangle, triangle...)" in message
     assert "resume needs the same classes" in message
     with pytest.raises(CheckpointError, match="resume needs the same classes"):
         check_resumable(checkpoint, "ck.pth", ["square", "circle", "triangle"], "tiny_cnn")  # order matters

@@ -1,14 +1,17 @@
-"""model.py: torchvision-compatible ResNet-18, offline-only pretrained weights, the model builder."""
+"""model.py: torchvision-compatible ResNet-18, offline-only pretrained weights, the model builder, timm models."""
 import os
 import re
+import sys
 import time
 import urllib.request
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torchvision
 from conftest import data_flags, run_cli, train_cmd
+from safetensors.torch import save_file
 
 import model as model_module
 from config import SMALLEST_IMAGE_SIZE
@@ -19,7 +22,9 @@ from model import (
     TinyCNN,
     build_model,
     check_image_size,
+    last_linear_name,
     load_weights_file,
+    pretrained_entry,
 )
 
 
@@ -240,3 +245,116 @@ def test_training_cli_refuses_the_size_in_one_line_before_any_data_work(tmp_path
                      check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ timm models (--model timm/NAME)
+
+def test_a_timm_model_is_timms_own_with_the_datasets_head():
+    torch.manual_seed(0)
+    model = build_model("timm/resnet18", 7)
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", num_classes=7)
+    assert type(model) is type(reference) and last_linear_name(model) == "fc" and model.fc.out_features == 7
+    assert_backbone_loaded(model, reference.state_dict(), head=())  # the same network, the same initial weights
+
+
+def test_a_timm_vit_takes_any_multiple_of_its_patch_size_with_the_same_weights():
+    torch.manual_seed(0)
+    model = build_model("timm/vit_tiny_patch16_224", 5).eval()
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=5, dynamic_img_size=True).eval()
+    assert last_linear_name(model) == "head" and model.head.out_features == 5
+    assert_backbone_loaded(model, reference.state_dict(), head=())
+    assert model.pos_embed.shape == (1, 197, 192)  # built for 224 px weights: 14 x 14 patches and the class token
+    with torch.no_grad():
+        for size in (32, 48):
+            images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+            torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+            assert model(images).shape == (2, 5)
+
+
+def test_last_linear_name_is_timms_classifier_also_inside_a_wrapper():
+    with torch.device("meta"):
+        convnext = build_model("timm/convnext_tiny", 4)
+    assert last_linear_name(convnext) == "head.fc" and convnext.get_classifier() is convnext.head.fc
+    assert last_linear_name(torch.optim.swa_utils.AveragedModel(convnext, device="meta")) == "module.head.fc"
+
+
+def test_timm_names_are_refused_in_one_line_naming_what_to_give():
+    with pytest.raises(ModelError, match=re.escape("unknown timm model 'resnet1800'; did you mean timm/resnet18")):
+        build_model("timm/resnet1800", 3)
+    with pytest.raises(ModelError, match=re.escape("--model timm/resnet18.a1_in1k: name the architecture, --model "
+                                                   "timm/resnet18, and its weights with --pretrained a1_in1k")):
+        check_image_size("timm/resnet18.a1_in1k", 32)
+    with pytest.raises(ModelError, match=re.escape("or timm/NAME for timm's model NAME")):
+        build_model("resnet_9000", 3)
+
+
+def test_without_timm_installed_a_timm_model_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    with pytest.raises(ModelError, match=re.escape("timm is not installed; pip install 'timm>=1.0'")):
+        build_model("timm/resnet18", 3)
+    assert isinstance(build_model("tiny_cnn", 3), TinyCNN)  # the other models do not need it
+
+
+@pytest.mark.parametrize("name, image_size, message", [
+    pytest.param("timm/vit_tiny_patch16_224", 33, "--image_size 33 does not fit timm/vit_tiny_patch16_224: Input "
+                 "height (33) should be divisible by patch size (16).", id="vit-not-a-multiple-of-its-patch"),
+    pytest.param("timm/vit_tiny_patch16_224", 8, "--image_size 8 does not fit timm/vit_tiny_patch16_224: Input "
+                 "height (8) should be divisible by patch size (16).", id="vit-under-one-patch"),
+    pytest.param("timm/mixer_b16_224", 32, "--image_size 32 does not fit timm/mixer_b16_224: Input height (32) "
+                 "doesn't match model (224).", id="fixed-size-model"),  # no dynamic_img_size: one size only
+    pytest.param("timm/convnext_tiny", 16, "--image_size 16 is too small for timm/convnext_tiny: its smallest input "
+                 "is 32 px; use --image_size 32 or more", id="cnn-under-its-smallest")])
+def test_an_image_size_a_timm_model_cannot_take_is_refused_naming_what_it_takes(name, image_size, message):
+    with pytest.raises(ModelError) as error:
+        check_image_size(name, image_size)
+    assert str(error.value) == message
+
+
+def test_the_image_sizes_a_timm_model_takes_pass_the_check():
+    for name, size in [("timm/vit_tiny_patch16_224", 16), ("timm/vit_tiny_patch16_224", 32),
+                       ("timm/vit_tiny_patch16_224", 384), ("timm/mixer_b16_224", 224), ("timm/convnext_tiny", 32),
+                       ("timm/resnet18", 1)]:
+        check_image_size(name, size)
+
+
+def test_timm_weights_by_tag_with_their_own_preprocessing():
+    default = pretrained_entry("timm/resnet18")
+    assert str(default) == "timm/resnet18.a1_in1k"  # timm's default tag for resnet18
+    transform = default.transforms()  # timm's: crop 224, crop_pct 0.95, ImageNet's mean and std, bicubic
+    assert (transform.crop_size, transform.resize_size) == ([224], [235])  # floor(224 / 0.95)
+    assert transform.mean == [0.485, 0.456, 0.406] and transform.std == [0.229, 0.224, 0.225]
+    assert transform.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    vit = pretrained_entry("timm/vit_tiny_patch16_224", "augreg_in21k").transforms()
+    assert (vit.crop_size, vit.resize_size, vit.mean, vit.std) == ([224], [248], [0.5] * 3, [0.5] * 3)  # pct 0.9
+    with pytest.raises(ModelError, match=re.escape("--pretrained IMAGENET1K_V1: timm/resnet18's weights are DEFAULT "
+                                                   "(a1_in1k) or a1_in1k, a2_in1k, a3_in1k, tv_in1k,")):
+        pretrained_entry("timm/resnet18", "IMAGENET1K_V1")
+    with pytest.raises(ModelError, match="--model timm/gcvit_xxtiny has no pretrained weights on the Hugging Face hub"):
+        pretrained_entry("timm/gcvit_xxtiny")  # timm has them only at a URL of its own, outside the hub
+
+
+def timm_resnet18_weights(path, seed=7):
+    """timm's resnet18 with ImageNet's 1000 classes, seeded, saved as timm's files on the hub are."""
+    torch.manual_seed(seed)
+    state = timm.create_model("resnet18").state_dict()
+    save_file(state, path)
+    return state
+
+
+def test_timm_weights_from_a_safetensors_file_keep_the_backbone_and_get_a_new_head(tmp_path):
+    state = timm_resnet18_weights(str(tmp_path / "model.safetensors"))
+    model = build_model("timm/resnet18", 3, pretrained_weights=str(tmp_path / "model.safetensors"))
+    assert_backbone_loaded(model, state)
+    assert model.fc.weight.shape == (3, 512) and not torch.equal(model.fc.weight, state["fc.weight"][:3])
+
+
+def test_a_timm_training_checkpoint_is_starting_weights_and_weights_of_another_model_are_refused(tmp_path):
+    torch.manual_seed(8)
+    trained = build_model("timm/resnet18", 3).state_dict()
+    torch.save(dict(model_state_dict={"module." + key: value for key, value in trained.items()}), tmp_path / "c.pth")
+    model = build_model("timm/resnet18", 3, pretrained_weights=str(tmp_path / "c.pth"))
+    assert_backbone_loaded(model, trained, head=())  # the same classes: the head too
+    with pytest.raises(ModelError, match="do not fit this model"):
+        build_model("timm/vit_tiny_patch16_224", 3, pretrained_weights=str(tmp_path / "c.pth"))

@@ -69,3 +69,11 @@ def test_the_loss_is_binary_cross_entropy_with_positive_weights_and_smoothing():
 def test_balanced_positive_weights_are_negatives_over_positives():
     targets = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 1]])
     assert positive_weights(targets) == [1 / 3, 1.0, 1 / 3]
+
+
+def test_every_figure_is_a_plain_python_number_so_checkpoints_load_with_weights_only():
+    scores, targets = random_case(5)
+    report = multilabel_metrics(scores, targets)
+    for value in (report["map"], report["micro_f1"], report["macro_f1"], *report["per_class_f1"],
+                  *tune_thresholds(scores, targets)):
+        assert type(value) is float

@@ -329,7 +329,7 @@ def test_a_flag_that_regroups_the_optimizer_is_refused_in_one_line_unless_both_r
     for one_reset in ({}, dict(reset_optimizer=True), dict(reset_lr_schedule=True)):
         code, _, err = resume_in_process(tiny_data_module, out, capsys, epochs=2, **{flag: value}, **one_reset)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, one_reset
-        assert err.startswith(f"error: {latest} was trained with --{flag} ")
+        assert err.startswith(f"error: {latest} was trained with no --{flag}, this run asks for {value}")
         assert f"asks for {value}, which regroups the optimizer's parameters" in err
         assert err.rstrip().endswith("or add --reset_optimizer --reset_lr_schedule to start both afresh")
     assert open(latest, "rb").read() == before
