@@ -36,6 +36,7 @@ from engine.checkpoint import checkpoint_preprocessing, load_checkpoint
 from engine.distributed import is_peer_loss, setup_distributed, teardown_distributed, validation_shard
 from engine.metrics import TTA_MODES, balanced_accuracy, evaluate_classes, macro_f1, per_class_metrics, tta_views
 from inputs.folders import class_folders, find_files
+from inputs.label_files import read_label_file
 from model import checkpoint_model_name, model_from_checkpoint
 from utils import plot_confusion
 
@@ -45,8 +46,15 @@ def build_parser():
                                 "loss, accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix. "
                                 "Run it with torchrun to share the images among processes.", allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_ddp.py")
-    parser.add_argument("--data_dir", required=True,
-                        help="ImageFolder root: <class_name>/<images>, classes of the checkpoint (some or all)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="ImageFolder root: <class_name>/<images>, classes of the checkpoint "
+                                           "(some or all)")
+    source.add_argument("--csv", default=None, metavar="FILE",
+                        help="a label file instead (as train_ddp.py's --train_csv: a header, then image,label rows)")
+    parser.add_argument("--image_root", default=None, metavar="DIR",
+                        help="--csv: the folder its image paths are relative to (default: the file's own folder)")
+    parser.add_argument("--image_column", default="image", help="--csv: the column holding image paths")
+    parser.add_argument("--label_column", default="label", help="--csv: the column holding labels")
     parser.add_argument("--output", default=None, metavar="FILE.json",
                         help="also write the results as JSON, and the confusion matrix as FILE_confusion.png")
     parser.add_argument("--weights", choices=("model", "ema"), default="model",
@@ -81,10 +89,12 @@ def prepare(argv):
         raise CheckpointError(f"--weights ema: {args.checkpoint} has no EMA weights (it was trained without "
                               "--use_ema); use --weights model")
     model = model_from_checkpoint(checkpoint, args.weights)
-    # The one source of labelled images so far. Another one (a CSV file of paths and class names)
-    # plugs in here: it gives the class names it holds and (path, class name) pairs as folder_samples does.
-    data_classes, pairs = folder_samples(args.data_dir)
-    samples = checkpoint_labels(pairs, data_classes, checkpoint["class_names"], args.data_dir)
+    if args.csv:
+        labelled = read_label_file(args.csv, "--csv", args.image_root, args.image_column, args.label_column)
+        data_classes, pairs = labelled.classes, labelled.samples
+    else:
+        data_classes, pairs = folder_samples(args.data_dir)
+    samples = checkpoint_labels(pairs, data_classes, checkpoint["class_names"], args.csv or args.data_dir)
     return args, checkpoint, model, samples
 
 
@@ -166,7 +176,7 @@ def results(evaluation, checkpoint, samples, args):
     return dict(
         checkpoint=args.checkpoint, checkpoint_epoch=checkpoint.get("epoch"),
         model_name=checkpoint_model_name(checkpoint), weights=args.weights, tta=args.tta,
-        preprocessing=checkpoint_preprocessing(checkpoint), data_dir=args.data_dir, images=len(samples),
+        preprocessing=checkpoint_preprocessing(checkpoint), data_dir=args.csv or args.data_dir, images=len(samples),
         loss=evaluation.loss, accuracy=evaluation.acc, top5_accuracy=evaluation.acc5,
         macro_f1=macro_f1(evaluation.confusion), balanced_accuracy=balanced_accuracy(evaluation.confusion),
         class_names=list(class_names), confusion_matrix=evaluation.confusion.tolist(),

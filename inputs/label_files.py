@@ -91,9 +91,10 @@ def check_run_data(args):
 
 def read_label_file(path, role, image_root=None, image_column="image", label_column="label", classes=None,
                     delimiter=None):
-    """The LabelFile of the CSV file at `path` (`role` "train" or "val" names its flag in messages);
+    """The LabelFile of the CSV file at `path` (`role` "train" or "val" names its flag in messages, as
+    --train_csv or --val_csv; another command passes its own flag, e.g. "--csv");
     with `classes`, every label must be one of them; with a `delimiter`, a label cell lists several."""
-    text = read_text(path, f"--{role}_csv")
+    text = read_text(path, role if role.startswith("--") else f"--{role}_csv")
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(root):
         raise DataError(f"--image_root {image_root} is not a folder")

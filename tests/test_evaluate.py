@@ -209,3 +209,15 @@ def test_an_unreadable_image_is_named_in_one_line_from_a_loader_worker(checkpoin
     code = evaluate.main(["--checkpoint", checkpoints["three"], "--data_dir", data, "--num_workers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: cannot read image {broken} ("), err
+
+
+def test_a_label_file_scores_the_same_as_the_folders_it_describes(checkpoints, tmp_path):
+    rows = ["path,class"] + [f"{os.path.relpath(path, checkpoints['val_dir'])},{name}"
+                             for path, name in reversed(val_images(checkpoints["val_dir"]))]
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    folders = run_evaluate(tmp_path, "folders", "--checkpoint", checkpoints["seven"], "--data_dir",
+                           checkpoints["val_dir"])
+    labelled = run_evaluate(tmp_path, "labelled", "--checkpoint", checkpoints["seven"], "--csv", tmp_path / "val.csv",
+                            "--image_root", checkpoints["val_dir"], "--image_column", "path", "--label_column", "class")
+    for key in ("loss", "accuracy", "macro_f1", "balanced_accuracy", "confusion_matrix", "per_class"):
+        assert labelled[key] == folders[key], key
