@@ -622,6 +622,10 @@ def validate_multi_label(args):
         if value != default:
             raise ConfigError(f"--{flag} {value} is for single-label runs; with --multi_label use --pos_weight "
                               "balanced for rare labels")
+    if args.tta != "none":
+        raise ConfigError("--tta averages softmax views of one-label models; drop it with --multi_label")
+    if not args.label_delimiter:
+        raise ConfigError("--label_delimiter must not be empty (it separates an image's labels; a space by default)")
     if args.monitor_metric == "val_balanced_acc":
         raise ConfigError("--monitor_metric val_balanced_acc is single-label; with --multi_label monitor val_map, "
                           "val_macro_f1, val_micro_f1, val_acc (exact match) or val_loss")

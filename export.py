@@ -139,7 +139,8 @@ def export_metadata(checkpoint, weights):
         output="float32 logits, N x len(class_names), in class_names order")
     if checkpoint["config"].get("multi_label"):
         metadata.update(
-            multi_label=True, thresholds=checkpoint.get("thresholds") or [0.5] * len(checkpoint["class_names"]),
+            multi_label=True, thresholds=(checkpoint.get("ema_thresholds" if weights == "ema" else "thresholds")
+                                          or [0.5] * len(checkpoint["class_names"])),
             output="float32 sigmoid probabilities, N x len(class_names), in class_names order; an image has "
                    "the classes whose probability is at least their entry of thresholds (tuned on validation)")
     return metadata

@@ -183,7 +183,9 @@ def run(argv):
     if checkpoint["config"].get("multi_label"):
         if args.tta != "none":
             raise UsageError("--tta averages softmax views of one-label checkpoints; this checkpoint is --multi_label")
-        thresholds = checkpoint.get("thresholds") or [0.5] * len(checkpoint["class_names"])
+        weights = getattr(args, "weights", "model")
+        thresholds = (checkpoint.get("ema_thresholds" if weights == "ema" else "thresholds")
+                      or [0.5] * len(checkpoint["class_names"]))
     results = predict(model, paths, checkpoint["class_names"], checkpoint_preprocessing(checkpoint), args, device,
                       thresholds)
     print_table(results)

@@ -112,7 +112,7 @@ def train(args, ctx, stop):
     for epoch in range(state.epoch + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
         sums = train_one_epoch(training, data, epoch, state, args, ctx)
-        record, evaluation = validate(training, data, epoch, sums, args, ctx) if sums is not None else (None, None)
+        record, evaluated = validate(training, data, epoch, sums, args, ctx) if sums is not None else (None, None)
         if record is None:  # stopped by a signal, in training or validation: the steps trained are saved
             if sums is not None:
                 save(training, state, data, ["checkpoint_latest.pth"], args, ctx, sums)
@@ -123,11 +123,13 @@ def train(args, ctx, stop):
             break
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         monitored = record[("ema_" if training.ema is not None else "") + args.monitor_metric]
-        state.thresholds = getattr(evaluation, "thresholds", None)  # --multi_label: tuned on this validation
+        # --multi_label: each model's thresholds, tuned on this validation
+        state.thresholds = getattr(evaluated[0], "thresholds", None)
+        state.ema_thresholds = getattr(evaluated[-1], "thresholds", None) if training.ema is not None else None
         names, dropped = state.end_epoch(record, monitored, args)
         main_print(ctx, describe_epoch(record, state, args))
         save(training, state, data, names, args, ctx)
-        finish_epoch_files(state, names, dropped, evaluation, data.class_names, args, ctx)
+        finish_epoch_files(state, names, dropped, evaluated[-1], data.class_names, args, ctx)
         log_epoch(training.logger, record, epoch * training.steps_per_epoch)
         if state.should_stop_early(args):
             main_print(ctx, f"Early stopping: {args.monitor_metric} has not improved by more than "
@@ -327,9 +329,9 @@ def stop_now(training, sums, epoch, update, args, ctx):
 
 
 def validate(training, data, epoch, sums, args, ctx):
-    """(record, evaluation): the epoch's record, its training metrics and exact validation of the
-    model (and the EMA), top-5 included with more than 5 classes; and the monitored model's
-    evaluation (the EMA's when there is one, as for best: its confusion matrix, or with
+    """(record, evaluations): the epoch's record, its training metrics and exact validation of the
+    model (and the EMA), top-5 included with more than 5 classes; and the evaluations, the model's
+    then the EMA's (the last is the monitored one, as for best: its confusion matrix, or with
     --multi_label its per-class figures and tuned thresholds). (None, None) when the ranks stop on
     a signal meanwhile (the epoch's training is then saved as done)."""
     model = unwrap(training.model)
@@ -344,7 +346,7 @@ def validate(training, data, epoch, sums, args, ctx):
     record = dict(epoch=epoch, **sums.epoch_totals(), **evaluated[0].metrics("val_"))
     if training.ema is not None:
         record.update(evaluated[1].metrics("ema_val_"))
-    return record, evaluated[-1]
+    return record, evaluated
 
 
 def evaluate_model(model, training, data, args, ctx, max_batches=0, stop=None):
@@ -391,6 +393,7 @@ def log_epoch(logger, record, global_step):
     # top-5 with more than 5 classes; the EMA's with --use_ema
     optional = {"val_acc5": "val/acc5", "val_macro_f1": "val/macro_f1", "val_balanced_acc": "val/balanced_acc",
                 "val_map": "val/map", "val_micro_f1": "val/micro_f1", "ema_val_map": "val/ema_map",
+                "ema_val_micro_f1": "val/ema_micro_f1",
                 "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc", "ema_val_acc5": "val/ema_acc5",
                 "ema_val_macro_f1": "val/ema_macro_f1", "ema_val_balanced_acc": "val/ema_balanced_acc"}
     metrics.update({name: record[key] for key, name in optional.items() if key in record})

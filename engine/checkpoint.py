@@ -36,8 +36,9 @@ SCHEMA = {
     "best_epoch": "the epoch of best_metric",
     "stale_epochs": "epochs since --monitor_metric last improved (early stopping)",
     "top_k": "[value, epoch] of the --save_top_k best epochs",
-    "thresholds": "--multi_label: per class, the decision threshold tuned on this epoch's validation (None "
-                  "otherwise); predict.py and export.py apply them",
+    "thresholds": "--multi_label: per class, the model's decision threshold tuned on this epoch's validation "
+                  "(None otherwise); predict.py and export.py apply them",
+    "ema_thresholds": "the same for the EMA weights (--use_ema; None otherwise), applied with --weights ema",
     "history": "the per-epoch metrics so far (utils.HISTORY_KEYS)",
     "class_names": "class folder names in label order",
     "model_name": "--model",
@@ -159,6 +160,7 @@ class RunState:
     stale_epochs: int = 0
     top_k: list = field(default_factory=list)
     thresholds: list | None = None  # --multi_label: tuned on the last validation
+    ema_thresholds: list | None = None  # the EMA's, with --use_ema
     history: dict = field(default_factory=new_history)
     train_partial: list | None = None  # held from a resume until the interrupted epoch takes it
 

@@ -52,9 +52,10 @@ def parameter_groups(model, head, learning_rate, backbone_lr_scale=1.0, weight_d
     backbone's at F times it; exactly what runs made before the other options existed.
 
     Otherwise one group per (learning-rate scale, weight-decay kind), each naming its "kind" and
-    "weight_decay" ("lr" too when not the learning rate). A parameter named `bias` is of kind
-    "bias" (normalisation layers' biases too), the other parameters of NORM_LAYERS of kind "norm",
-    the rest "default"; a decay left None is `weight_decay`. The scale is F for the backbone times
+    "weight_decay" ("lr" too when not the learning rate). With --bias_weight_decay a parameter named
+    `bias` is of kind "bias" (normalisation layers' biases too); the other parameters of NORM_LAYERS
+    are of kind "norm", the rest "default" (torchvision's set_weight_decay); a decay left None is
+    `weight_decay`. The scale is F for the backbone times
     layer_decay ** (layers after the parameter's layer; parameter_layers), so the last layer, the
     head, runs at the learning rate. Groups come by scale from the head back to the input (the
     last layer at each scale), a scale's kinds in KINDS order; the schedule scales all alike."""
@@ -77,10 +78,14 @@ def parameter_groups(model, head, learning_rate, backbone_lr_scale=1.0, weight_d
             if not param.requires_grad:
                 continue
             scale = layer_scale * (1.0 if param in head_parameters else backbone_lr_scale)
-            kind = "bias" if name == "bias" else "norm" if isinstance(owner, NORM_LAYERS) else "default"
+            # torchvision's set_weight_decay: biases apart only with --bias_weight_decay; else a norm layer's are "norm"
+            kind = ("bias" if name == "bias" and bias_weight_decay is not None
+                    else "norm" if isinstance(owner, NORM_LAYERS) else "default")
             groups.setdefault((scale, kind), []).append(param)
             last_layer[scale] = depth
-    order = sorted(groups, key=lambda key: (-last_layer[key[0]], KINDS.index(key[1])))
+    # The head's layer first, its full-rate parameters before any backbone ones sharing it (timm's
+    # ConvNeXt head holds a norm): group 0 runs at the learning rate, which the loop logs.
+    order = sorted(groups, key=lambda key: (-last_layer[key[0]], -key[0], KINDS.index(key[1])))
     return [{"params": groups[scale, kind], "kind": kind, "weight_decay": decays[kind],
              **({"lr": learning_rate * scale} if scale != 1.0 else {})} for scale, kind in order]
 

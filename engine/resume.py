@@ -157,6 +157,7 @@ def plan_resume(checkpoint, path, args, world_size):
             raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1}, whose sample order "
                               f"comes from --{flag} {trained}: pass --{flag} {trained} (a new {flag} applies "
                               "from an epoch's start)")
+    refuse_mixing_switch_mid_epoch(checkpoint, path, args)
     amp_dtype = kept_amp_dtype(saved, args.use_amp, args.amp_dtype)
     accumulation, kept = keep_global_batch(checkpoint, path, args.batch_size, args.gradient_accumulation_steps,
                                            world_size)
@@ -170,6 +171,23 @@ def plan_resume(checkpoint, path, args, world_size):
               if name in trained_draws and trained_draws[name] != generator]
     notes += sorted(f"--{flag}: {effect}" for flag, (part, effect) in RESETS.items() if part in reset)
     return ResumePlan(reset, tuple(note for note in notes if note), accumulation, amp_dtype)
+
+
+def mixes(config):
+    return bool((config.get("mixup_alpha") or config.get("cutmix_alpha")) and not config.get("no_augmentation"))
+
+
+def refuse_mixing_switch_mid_epoch(checkpoint, path, args):
+    """With --ra_reps, mixing decides how an image's copies interleave with the others (ranks take
+    pairs: sampling.py), so turning it on or off in the middle of an epoch would change the rest
+    of that epoch's sequence: refused until the epoch's end."""
+    saved = checkpoint["config"]
+    if (checkpoint.get("samples_done") and trained_value(saved, "ra_reps", 1) > 1
+            and mixes(saved) != mixes(vars(args))):
+        state = "on" if mixes(saved) else "off"
+        raise ConfigError(f"{path} stopped in the middle of epoch {checkpoint['epoch'] + 1} with mixing {state} and "
+                          f"--ra_reps {saved['ra_reps']}, whose sample sequence depends on it: keep mixing {state} "
+                          "until that epoch ends (resume, then change it at an epoch's start)")
 
 
 def refusal(path, flag, trained, asked, resets):

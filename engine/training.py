@@ -25,7 +25,7 @@ from config import (
 )
 from core.errors import ModelError
 from dataset import augmentation_policy, build_datasets, build_loaders, mixing_of, prepare_digits_demo, sequence_shape
-from engine.batches import BatchStage, progressive_end_epoch
+from engine.batches import BatchStage, progressive_end_epoch, progressive_size
 from engine.distributed import JointChecks, StopRequest, gather_from_ranks, main_print
 from engine.loggers import RunLogger
 from engine.losses import build_criterion
@@ -85,8 +85,8 @@ def settle(args, ctx, checkpoint=None, checkpoint_path=None):
     resolve_preprocessing(args, ctx)
     fill_crop_sizes(args)
     check_recipe_sizes(args)
-    for size in {args.image_size, args.train_crop_size, args.progressive_min_size} - {None}:
-        check_image_size(args.model, size)
+    for size in sorted({args.image_size, args.train_crop_size} | set(progressive_sizes(args))):
+        check_image_size(args.model, size)  # every size the run will feed the model, the ramp's included
     if args.demo:
         args.train_dir, args.val_dir = prepare_digits_demo(os.path.dirname(args.train_dir))
     plan = None
@@ -148,6 +148,15 @@ def build_training(args, ctx, num_classes, batches_in_loader, stop=None, logger=
     return Training(model, optimizer, scheduler, scaler, ema, amp_dtype, stage, batches_per_epoch,
                     steps_per_epoch, learning_rate, logger or RunLogger(args, ctx), stop or StopRequest(),
                     JointChecks(ctx.device), trace, criterion=criterion)
+
+
+def progressive_sizes(args):
+    """The training crop sizes of progressive resizing over the run's epochs (none without it)."""
+    if not args.progressive_min_size:
+        return []
+    end = progressive_end_epoch(args.epochs, args.progressive_start_epoch, args.progressive_end_epoch)
+    return [progressive_size(epoch, args.train_crop_size, args.progressive_min_size, args.progressive_start_epoch, end)
+            for epoch in range(1, args.epochs + 1)]
 
 
 def build_stage(args, ctx, num_classes, memory_format):

@@ -54,6 +54,17 @@ def sample_weights(labels, sampling):
     return per_class[labels]
 
 
+def occurrences(values):
+    """For each position, how many earlier positions hold the same value (0 for a first draw)."""
+    sorter = np.argsort(values, kind="stable")
+    ordered = values[sorter]
+    starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
+    within = np.arange(len(values)) - np.repeat(starts, np.diff(np.r_[starts, len(values)]))
+    counts = np.empty_like(within)
+    counts[sorter] = within
+    return torch.from_numpy(counts)
+
+
 class GlobalOrderSampler(Sampler):
     """This rank's share of the epoch's sequence from position `start` to `end`, yielding
     (epoch, sample key) so a loader worker knows which epoch it augments for. `unit`: positions
@@ -86,6 +97,10 @@ class GlobalOrderSampler(Sampler):
         `end` (the epoch's planned length; default: this layout's whole epoch)."""
         self.epoch, self.start = epoch, start
         self.end = self.epoch_length() if end is None else end
+        if self.end == 0:
+            raise DataError(f"an epoch of --ra_reps {self.repeats} trains the dataset's {self.dataset_size} images "
+                            f"rounded down to a multiple of 256, fewer than one batch on every process "
+                            f"({self.row}); lower --batch_size or --ra_reps")
         if start % self.unit:
             raise ConfigError(f"epoch {epoch} stopped at position {start}, inside a pair that mixing would train "
                               "together: turn mixing on at an epoch's start (resume with the mixing flags of the "
@@ -109,8 +124,12 @@ class GlobalOrderSampler(Sampler):
         return torch.randperm(self.dataset_size, generator=generator)
 
     def sequence(self):
-        """The epoch's sample keys in global order: the permutation's units, each repeated."""
+        """The epoch's sample keys in global order: the permutation's units, each repeated. Under
+        weighted draws an image drawn again gets another key (its k-th draw: index + k x repeats x
+        dataset size), so each draw is augmented differently."""
         order = self.permutation()
+        if self.cumulative is not None:
+            order = order + occurrences(order.numpy()) * self.repeats * self.dataset_size
         if self.unit == 1 and self.repeats == 1:
             return order.tolist()
         units = order[:len(order) // self.unit * self.unit].view(-1, 1, self.unit)

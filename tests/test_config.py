@@ -198,6 +198,11 @@ def test_image_size_is_the_shorthand_for_both_crops_and_the_specific_flags_win(t
     (["--model", "alexnet", "--train_crop_size", "32", "--val_crop_size", "64"],
      "--train_crop_size 32 is too small for alexnet: its smallest input is 63 px"),
     (["--val_resize_size", "100", "--val_crop_size", "128"], "--resize_size 100 is smaller than --image_size 128"),
+    (["--multi_label", "--train_csv", "a.csv", "--val_csv", "b.csv", "--tta", "flip"], "drop it with --multi_label"),
+    (["--multi_label", "--train_csv", "a.csv", "--val_csv", "b.csv", "--label_delimiter", ""],
+     "--label_delimiter must not be empty"),
+    (["--multi_label"], "--multi_label reads each image's labels from CSV files"),
+    (["--pos_weight", "balanced"], "--pos_weight is for --multi_label runs"),
 ])
 def test_impossible_recipe_flags_are_refused_in_one_line_before_torch_loads(tiny_data, tmp_path, flags, message):
     result = run_cli([sys.executable, "launch_ddp.py", *data_flags(tiny_data, str(tmp_path), image_size=None), *flags],

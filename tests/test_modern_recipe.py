@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 from conftest import data_flags, run_cli, torchrun, train_cmd, wait_for_checkpoint, write_image_folder
 from test_fault_tolerance import assert_same_run, start
 
@@ -65,3 +66,19 @@ def test_a_two_process_mixing_run_resumed_on_one_process_mixes_the_same_pairs_wi
         expected, got = read_trace(f"{tmp_path}/reference/logs", field), read_trace(f"{tmp_path}/resized/logs", field)
         assert got == expected, field
     assert killed_at["step"] >= 2 and len(read_trace(f"{tmp_path}/resized/logs", "pairs")) == 12
+
+
+def test_settle_checks_every_size_of_the_progressive_ramp_before_training(data, monkeypatch):
+    # A model may take the smallest and the full size but not one in between (a ViT with 14 px patches
+    # and the ramp's 16 px steps): every epoch's size is checked before anything is built.
+    from config import parse_args
+    from engine import training
+    from engine.distributed import DistContext
+
+    checked = []
+    monkeypatch.setattr(training, "check_image_size", lambda model, size: checked.append(size))
+    args = parse_args(data_flags(data, "/tmp/unused", model="tiny_cnn", train_crop_size=112, image_size=112,
+                                 progressive_min_size=56, progressive_start_epoch=1, progressive_end_epoch=4,
+                                 epochs=5))
+    training.settle(args, DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    assert sorted(set(checked)) == [56, 64, 80, 112] == sorted(set(training.progressive_sizes(args)))

@@ -177,13 +177,20 @@ def test_every_normalisation_layer_is_of_kind_norm_and_an_unset_decay_is_the_wei
     nn = torch.nn
     model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True), nn.BatchNorm2d(4),
                           nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 3, bias=False))
+    # torchvision's set_weight_decay: without --bias_weight_decay a norm layer's bias is "norm" too
     groups = parameter_groups(model, model[6], 0.1, weight_decay=0.05, norm_weight_decay=0.0)
     of = group_of_each_parameter(model, groups)
     assert {name: group["kind"] for name, group in of.items()} == {
-        "0.weight": "default", "0.bias": "bias", "1.weight": "norm", "1.bias": "bias", "2.weight": "norm",
-        "2.bias": "bias", "3.weight": "norm", "3.bias": "bias", "5.weight": "norm", "5.bias": "bias",
+        "0.weight": "default", "0.bias": "default", "1.weight": "norm", "1.bias": "norm", "2.weight": "norm",
+        "2.bias": "norm", "3.weight": "norm", "3.bias": "norm", "5.weight": "norm", "5.bias": "norm",
         "6.weight": "default"}
-    assert {group["kind"]: group["weight_decay"] for group in groups} == {"default": 0.05, "norm": 0.0, "bias": 0.05}
+    assert {group["kind"]: group["weight_decay"] for group in groups} == {"default": 0.05, "norm": 0.0}
+    # with it, every bias is "bias"
+    groups = parameter_groups(model, model[6], 0.1, weight_decay=0.05, norm_weight_decay=0.0, bias_weight_decay=0.01)
+    of = group_of_each_parameter(model, groups)
+    assert {name for name, group in of.items() if group["kind"] == "bias"} == {"0.bias", "1.bias", "2.bias",
+                                                                                "3.bias", "5.bias"}
+    assert {group["kind"]: group["weight_decay"] for group in groups} == {"default": 0.05, "norm": 0.0, "bias": 0.01}
 
 
 def test_frozen_parameters_are_left_out_and_empty_groups_dropped():
@@ -198,7 +205,7 @@ def test_a_shared_parameter_is_in_one_group_at_its_first_layers_scale():
     model[2].weight = model[0].weight  # tied: one tensor, two modules
     groups = parameter_groups(model, model[2], 0.1, weight_decay=0.05, layer_decay=0.5)
     assert [(group.get("lr", 0.1), [id(p) for p in group["params"]]) for group in groups] == [
-        (0.1, [id(model[2].bias)]), (0.05, [id(model[0].weight)]), (0.05, [id(model[0].bias)])]
+        (0.1, [id(model[2].bias)]), (0.05, [id(model[0].weight), id(model[0].bias)])]
 
 
 def resnet18_layer_index(name):
@@ -217,8 +224,9 @@ def test_layer_decay_scales_resnet18s_layers_from_the_head_back_to_the_input():
     in_module_order = [scales[name] for name, _ in model.named_parameters()]
     assert in_module_order == sorted(in_module_order) and in_module_order[0] == pytest.approx(0.5 ** 10)
     assert groups[0]["params"][0] is model.fc.weight and "lr" not in groups[0]  # the head's group first
-    # One group per (layer, kind): fc has weight and bias; each block a conv/norm/bias group; conv1 only a weight.
-    assert len(groups) == 2 + 3 * 8 + 2 + 1
+    # One group per (layer, kind): fc's weight and bias together; each block a conv and a norm group (the
+    # norm layers' biases with them: no --bias_weight_decay); bn1 a norm group; conv1 only a weight.
+    assert len(groups) == 1 + 2 * 8 + 1 + 1
 
 
 def test_layer_decay_multiplies_with_backbone_lr_scale():
@@ -234,10 +242,9 @@ def test_build_optimizer_passes_the_groups_and_their_decays():
     model = resnet18()
     args = flags("--optimizer", "sgd", "--weight_decay", 0.05, "--norm_weight_decay", 0.0, "--layer_decay", 0.5)
     optimizer = build_optimizer(model, args, 0.1, head=model.fc)
-    assert len(optimizer.param_groups) == 29
+    assert len(optimizer.param_groups) == 19
     assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[-1]["lr"] == pytest.approx(0.1 * 0.5 ** 10)
-    assert {g["kind"]: g["weight_decay"] for g in optimizer.param_groups} == {"default": 0.05, "norm": 0.0,
-                                                                              "bias": 0.05}
+    assert {g["kind"]: g["weight_decay"] for g in optimizer.param_groups} == {"default": 0.05, "norm": 0.0}
 
 
 def test_apply_weight_decay_sets_each_groups_decay_by_its_kind():

@@ -145,7 +145,7 @@ def test_class_balanced_sampling_draws_every_class_within_five_percent_of_unifor
     for epoch in (1, 2, 3):
         sampler = GlobalOrderSampler(len(labels), 8, 0, 1, seed=4, weights=sample_weights(labels, "class_balanced"))
         sampler.set_epoch(epoch)
-        counts = np.bincount([labels[key] for _, key in sampler], minlength=3)
+        counts = np.bincount([labels[key % len(labels)] for _, key in sampler], minlength=3)
         assert abs(counts / counts.sum() - 1 / 3).max() < 0.05, counts
     sampler.set_epoch(1)
     first = [key for _, key in sampler]
@@ -160,7 +160,7 @@ def test_sqrt_sampling_draws_classes_in_proportion_to_the_square_root_of_their_s
     for epoch in range(1, 6):
         sampler = GlobalOrderSampler(len(labels), 10, 0, 1, seed=1, weights=weights)
         sampler.set_epoch(epoch)
-        counts += np.bincount([labels[key] for _, key in sampler], minlength=2)
+        counts += np.bincount([labels[key % len(labels)] for _, key in sampler], minlength=2)
     assert abs(counts[0] / counts.sum() - 30 / 40) < 0.02  # sqrt(900) : sqrt(100) = 30 : 10
 
 
@@ -190,3 +190,15 @@ def test_uniform_sampling_has_no_weights_and_keeps_the_permutation():
     assert sample_weights([0, 1, 1], "uniform") is None
     weights = sample_weights([0, 1, 1], "class_balanced")
     assert np.allclose(weights, [1.0, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_an_image_drawn_again_gets_another_key_so_each_draw_is_augmented_differently(repeats):
+    labels = imbalanced_labels((300, 3))
+    sampler = GlobalOrderSampler(len(labels), 8, 0, 1, seed=2, weights=sample_weights(labels, "class_balanced"),
+                                 repeats=repeats)
+    sampler.set_epoch(1)
+    keys = [key for _, key in sampler]
+    assert len(keys) == len(set(keys))  # no two positions share a key (a crop, policy, erase, mix draw)
+    rare = [key for key in keys if key % len(labels) >= 300]
+    assert len(rare) > 100 and len({key % len(labels) for key in rare}) == 3  # 3 images, drawn ~50 times each
