@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, data_flags, run_cli, torchrun, train_cmd
 
+from config import parse_args
 from core.errors import DataError
 from dataset import AugmentedImageFolder
 from fastload.cache_file import describe_cache, size_text, storage_size
@@ -192,8 +193,10 @@ def test_a_damaged_jpeg_in_a_built_cache_stops_training_in_one_line_naming_the_c
 def test_evaluation_from_a_compressed_cache_equals_evaluation_from_the_files_pixel_for_pixel(photo_folder, tmp_path):
     # Training images are stored as JPEGs; the evaluation split keeps its decoded pixels, so the
     # validation score (and the checkpoint it selects) is the file path's.
-    args = SimpleNamespace(cache_images=str(tmp_path / "cache"), cache_format="jpeg", cache_quality=90, image_size=32,
-                           resize_size=None, num_workers=0, batch_size=4, seed=0, min_crop_scale=0.08, hflip_prob=0.5)
+    args = parse_args(["--cache_images", str(tmp_path / "cache"), "--cache_format", "jpeg", "--image_size", "32",
+                       "--num_workers", "0", "--batch_size", "4", "--seed", "0", "--checkpoint_dir", str(tmp_path),
+                       "--log_dir", str(tmp_path)])
+    args.resize_size = None  # the cache's default storage size
     ctx = SimpleNamespace(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     train_set = AugmentedImageFolder(f"{photo_folder}/train", 32, train=True)
     val_set = AugmentedImageFolder(f"{photo_folder}/val", 32, train=False)
