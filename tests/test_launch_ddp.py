@@ -159,7 +159,9 @@ def test_a_stop_signal_to_the_launchers_process_group_saves_and_exits_128_plus_s
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signum, out + err
     assert "Traceback" not in out + err and "SignalException" not in err, err
-    step, epoch = map(int, re.search(rf"Stopped by signal {signum}: saved step (\d+) of epoch (\d+) ", out).groups())
+    stopped = re.search(rf"Stopped by signal {signum}: saved step (\d+) of epoch (\d+) ", out)
+    assert stopped, out[-2000:] + err[-2000:]  # what the run said instead, if the signal landed elsewhere
+    step, epoch = map(int, stopped.groups())
     saved = torch.load(latest)
     assert (saved["epoch"], saved["step"]) == (epoch - 1, step) and step > 0
     time.sleep(1)
