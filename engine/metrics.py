@@ -134,17 +134,12 @@ def evaluate_classes(model, loader, dataset_size, training, ctx, batch_size, use
     batches every rank reaches (shards differ by one image at most); None when they stop."""
     model.eval()
     num_classes = model.get_submodule(last_linear_name(model)).out_features
-    max_batches = max_batches or len(loader)
-    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / batch_size))
-    checks = JointChecks(ctx.device) if stop is not None else None
     # Rows: loss, top-1 hit, top-5 hit, true label, predicted label, evaluated (1) or not (0).
     per_sample = torch.zeros(6, dataset_size, device=ctx.device, dtype=torch.float64)
-    for batch_index, (images, labels, indices, _) in enumerate(loader):
-        if batch_index == max_batches:
-            break
-        if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
-            if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
-                return None
+    for batch in evaluation_batches(loader, dataset_size, ctx, batch_size, max_batches, stop):
+        if batch is None:
+            return None
+        images, labels, indices = batch
         images, labels = training.stage.eval_batch(images, labels)
         indices = indices.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=use_amp):
@@ -196,6 +191,24 @@ def tta_views(path, preprocessing, mode="none"):
     if mode != "multi_crop":
         return TF.pil_to_tensor(load_eval(path, image_size, resize_size))
     return torch.stack([TF.pil_to_tensor(crop) for crop in TF.five_crop(open_resized(path, resize_size), image_size)])
+
+
+def evaluation_batches(loader, dataset_size, ctx, batch_size, max_batches=0, stop=None):
+    """This rank's evaluation batches (images, labels, indices), at most `max_batches` (0: all).
+    With `stop` (a StopRequest) the ranks check jointly about every 0.25 s, at batches every rank
+    reaches (shards differ by one image at most); when they agree to stop, None comes instead of
+    the next batch, and no more."""
+    max_batches = max_batches or len(loader)
+    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / batch_size))
+    checks = JointChecks(ctx.device) if stop is not None else None
+    for batch_index, (images, labels, indices, _) in enumerate(loader):
+        if batch_index == max_batches:
+            return
+        if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
+            if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
+                yield None
+                return
+        yield images, labels, indices
 
 
 def confusion_matrix(labels, predicted, num_classes):

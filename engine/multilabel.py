@@ -10,14 +10,14 @@ metrics of ranked scores and thresholds, each equal to scikit-learn's:
 Evaluation gathers every image's probabilities on every rank (metrics.py's per-sample scheme), so
 the figures are the same on any number of processes.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.distributed import JointChecks, all_reduce_sum
+from engine.distributed import all_reduce_sum
+from engine.metrics import evaluation_batches
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -134,18 +134,13 @@ def evaluate_multilabel(model, loader, dataset_size, num_classes, training, ctx,
     rows, one all-reduce gives every rank all of them, and the metrics are computed from those
     (the same on every rank, and on any number of processes). None when the ranks stop on a signal."""
     model.eval()
-    max_batches = max_batches or len(loader)
-    shared_batches = min(max_batches, math.ceil(dataset_size // ctx.world_size / batch_size))
-    checks = JointChecks(ctx.device) if stop is not None else None
     classes = num_classes
     # Per sample: C probabilities, C targets, loss, evaluated (1) or not (0).
     rows = torch.zeros(2 * classes + 2, dataset_size, device=ctx.device, dtype=torch.float64)
-    for batch_index, (images, labels, indices, _) in enumerate(loader):
-        if batch_index == max_batches:
-            break
-        if checks and batch_index < shared_batches and checks.due(batch_index + 1, last_of_epoch=False):
-            if checks.run(batch_index + 1, stop, 0, ctx.is_main)[0]:
-                return None
+    for batch in evaluation_batches(loader, dataset_size, ctx, batch_size, max_batches, stop):
+        if batch is None:
+            return None
+        images, labels, indices = batch
         images, labels = training.stage.eval_batch(images, labels)
         with torch.autocast(ctx.device.type, dtype=training.amp_dtype, enabled=use_amp):
             logits = model(images)
