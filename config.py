@@ -184,8 +184,9 @@ def add_augmentation_flags(augment):
     augment.add_argument("--mix_off_epoch", type=int, default=0,
                          help="no mixing from this epoch on (0: mix to the end)")
     augment.add_argument("--ra_reps", type=int, default=1,
-                         help="repeated augmentation: every image N times per epoch, differently augmented, on "
-                              "different processes (torchvision's RASampler; the epoch keeps the dataset's length)")
+                         help="repeated augmentation: each image drawn comes N times in a row, differently augmented, "
+                              "on different processes (torchvision's RASampler: the epoch keeps the dataset's length, "
+                              "so it sees about 1/N of the images)")
     augment.add_argument("--progressive_min_size", type=int, default=None,
                          help="progressive resizing: train at this crop size up to --progressive_start_epoch, then "
                               "grow linearly (multiples of 16 px) to --train_crop_size at --progressive_end_epoch")
